@@ -1,0 +1,205 @@
+"""Checkpoints: orbax CheckpointManager for resume, and strict partial loading for init_from.
+
+A checkpoint step holds two items: `state` (params, optimizer state, step, rng) and `meta`
+(JSON: step, data position, config). Loading refuses silent mismatches and prints a diff.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+CHECKPOINT_SUBDIR = 'checkpoints'
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that is missing, unreadable, or does not match the model."""
+
+
+# ----------------------------------------------------------------------------- trees
+
+def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """Nested dict -> {'a/b/c': leaf}."""
+  flat = {}
+  for key, value in tree.items():
+    path = f'{prefix}/{key}' if prefix else str(key)
+    if isinstance(value, Mapping):
+      flat.update(flatten(value, path))
+    else:
+      flat[path] = value
+  return flat
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for path, value in flat.items():
+    node = tree
+    *parents, leaf = path.split('/')
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def subtree(tree: Mapping[str, Any], path: str, what: str) -> Mapping[str, Any]:
+  node = tree
+  for part in filter(None, path.split('/')):
+    if not isinstance(node, Mapping) or part not in node:
+      have = sorted(node) if isinstance(node, Mapping) else []
+      raise CheckpointError(f'{what}: no sub-tree {path!r} (at {part!r}; available: {have}).')
+    node = node[part]
+  return node
+
+
+def shape_diff(expected: Mapping[str, Any], found: Mapping[str, Any],
+               expected_name: str = 'model', found_name: str = 'checkpoint') -> list[str]:
+  """Readable lines for every name or shape mismatch between two flat {path: array}."""
+  lines = []
+  for path in sorted(set(expected) - set(found)):
+    lines.append(f'  - {path} {tuple(np.shape(expected[path]))}: in the {expected_name}, '
+                 f'missing from the {found_name}')
+  for path in sorted(set(found) - set(expected)):
+    lines.append(f'  + {path} {tuple(np.shape(found[path]))}: in the {found_name}, '
+                 f'unknown to the {expected_name}')
+  for path in sorted(set(expected) & set(found)):
+    e, f = tuple(np.shape(expected[path])), tuple(np.shape(found[path]))
+    if e != f:
+      lines.append(f'  ~ {path}: {expected_name} {e} vs {found_name} {f}')
+  return lines
+
+
+# ----------------------------------------------------------------------------- resume
+
+class Checkpointer:
+  """Saves and restores the whole train state under `<workdir>/checkpoints`."""
+
+  def __init__(self, workdir: str, *, max_to_keep: int, async_save: bool):
+    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_SUBDIR))
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True),
+    )
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, meta: Mapping[str, Any]) -> None:
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))), force=True)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    """Restores into `abstract_state`'s structure and shardings, after a strict check."""
+    try:
+      saved = self._manager.item_metadata(step)['state']
+    except Exception as e:  # orbax raises many types for corrupt or partial steps
+      raise CheckpointError(f'checkpoint {self.directory}/{step} is unreadable: {e}') from e
+    saved_flat = _flat_metadata(saved)
+    wanted_flat = {jax.tree_util.keystr(k): v for k, v in
+                   jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    diff = shape_diff(wanted_flat, saved_flat, 'current config', 'checkpoint')
+    if diff:
+      raise CheckpointError(
+          f'checkpoint {self.directory}/{step} does not match the current config; resume with '
+          'the config it was written with, or use a new workdir. Differences:\n'
+          + '\n'.join(diff[:40]) + (f'\n  ... and {len(diff) - 40} more' if len(diff) > 40 else ''))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    except Exception as e:
+      raise CheckpointError(f'checkpoint {self.directory}/{step} could not be restored: {e}') from e
+    return restored['state'], restored['meta']
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def _flat_metadata(tree_metadata) -> dict[str, tuple[int, ...]]:
+  tree = getattr(tree_metadata, 'tree', tree_metadata)
+  leaves = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: hasattr(x, 'shape'))[0]
+  return {jax.tree_util.keystr(k): np.zeros(v.shape, np.int8) for k, v in leaves}
+
+
+# ----------------------------------------------------------------------------- init_from
+
+def find_step_dir(path: str) -> str:
+  """A workdir, a checkpoints dir, or one step's dir -> that (or the latest) step's dir."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.exists(path):
+    raise CheckpointError(f'config.init_from.path: {path} does not exist.')
+  if os.path.isdir(os.path.join(path, 'state')):
+    return path
+  for root in (os.path.join(path, CHECKPOINT_SUBDIR), path):
+    if not os.path.isdir(root):
+      continue
+    steps = sorted(int(d) for d in os.listdir(root)
+                   if d.isdigit() and os.path.isdir(os.path.join(root, d, 'state')))
+    if steps:
+      return os.path.join(root, str(steps[-1]))
+  raise CheckpointError(f'config.init_from.path: no checkpoint under {path} (expected a workdir, '
+                        f'its {CHECKPOINT_SUBDIR}/ directory, or a step directory holding state/).')
+
+
+def load_params(path: str, load: str = '') -> dict[str, Any]:
+  """Reads `params[/load]` of a checkpoint to host numpy, without touching optimizer state."""
+  step_dir = find_step_dir(path)
+  state_dir = os.path.join(step_dir, 'state')
+  checkpointer = ocp.PyTreeCheckpointer()
+  try:
+    tree = checkpointer.metadata(state_dir).item_metadata
+    tree = getattr(tree, 'tree', tree)
+    wanted = {'params': dict(subtree(tree['params'], load, f'checkpoint {step_dir}'))
+              if load else tree['params']}
+    for part in reversed([p for p in load.split('/') if p]):
+      wanted['params'] = {part: wanted['params']}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+    restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=wanted, restore_args=restore_args, partial_restore=True))
+  except CheckpointError:
+    raise
+  except Exception as e:
+    raise CheckpointError(f'checkpoint {step_dir} is unreadable: {e}') from e
+  return dict(subtree(restored['params'], load, f'checkpoint {step_dir}'))
+
+
+def merge_params(init_params: Mapping[str, Any], loaded: Mapping[str, Any], *,
+                 into: str = '', skip: tuple[str, ...] = (), source: str = 'checkpoint'
+                 ) -> dict[str, Any]:
+  """Puts `loaded` at `into` inside `init_params`; every other leaf keeps its init value.
+
+  Strict: inside the target sub-tree, names and shapes must match exactly, except for
+  paths under `skip`, which keep their init values and must not be in `loaded`'s way.
+  """
+  target = subtree(init_params, into, 'model params (config.init_from.into)')
+  target_flat = flatten(target) if isinstance(target, Mapping) else {'': target}
+  loaded_flat = flatten(loaded) if isinstance(loaded, Mapping) else {'': loaded}
+
+  def skipped(path: str) -> bool:
+    full = f'{into}/{path}' if into else path
+    return any(full == s or full.startswith(s.rstrip('/') + '/') for s in skip)
+
+  expected = {p: v for p, v in target_flat.items() if not skipped(p)}
+  found = {p: v for p, v in loaded_flat.items() if not skipped(p)}
+  diff = shape_diff(expected, found, 'model', source)
+  if diff:
+    raise CheckpointError(
+        f'config.init_from: {source} does not match the model at sub-tree {into or "<root>"!r}. '
+        'Use init_from.load / init_from.into to pick matching sub-trees and init_from.skip '
+        'for parts to keep at init. Differences:\n' + '\n'.join(diff[:40])
+        + (f'\n  ... and {len(diff) - 40} more' if len(diff) > 40 else ''))
+  merged_target = dict(target_flat)
+  for path, value in found.items():
+    merged_target[path] = np.asarray(value).astype(target_flat[path].dtype)
+  if not into:
+    return unflatten(merged_target)
+  merged = flatten(init_params)
+  for path, value in merged_target.items():
+    merged[f'{into}/{path}' if path else into] = value
+  return unflatten(merged)

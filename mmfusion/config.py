@@ -1,0 +1,117 @@
+"""The schema every experiment config starts from, and its validation.
+
+`base()` holds every key the code reads, with defaults; `configs/<name>.py` changes values
+and returns `lock(config)`. Locked dicts refuse unknown keys, so a typo fails loudly.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+
+def base() -> ConfigDict:
+  c = ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 256                      # global, over all hosts and devices
+
+  c.data = ConfigDict(dict(
+      name='mmfusion_shapes',             # any TFDS dataset with image/captions features
+      builder_config='',                  # '' -> the builder's default config
+      data_dir='',                        # '' -> $MMFUSION_DATA_DIR or ~/.cache/mmfusion/datasets
+      train_split='train',
+      image_size=32,                      # pixels after resize
+      shuffle_buffer=10_000,
+      augment=True,                       # light colour jitter; geometry is left alone
+      prefetch=2,                         # batches kept ready on device
+  ))
+  c.tokenizer = ConfigDict(dict(
+      model='',                           # path to a sentencepiece .model; '' -> train from captions
+      vocab_size=256,                     # when training one
+      max_len=24,                         # tokens per text, EOS included
+  ))
+
+  c.model = ConfigDict(dict(
+      embed_dim=128,                      # shared embedding space
+      dtype='float32',                    # compute dtype
+      param_dtype='float32',
+      image=dict(variant='', patch_size=4, width=128, depth=4, mlp_dim=512,
+                 num_heads=4, pool='gap', dropout=0.0),
+      text=dict(variant='', width=128, depth=3, mlp_dim=512, num_heads=4,
+                causal=True, pool='eos', dropout=0.0),
+      temperature_init=1 / 0.07,          # CLIP; SigLIP uses 10
+      temperature_max=100.0,              # CLIP's clamp
+      bias_init=0.0,                      # SigLIP uses -10
+      head=dict(num_classes=0, input='image'),   # 0 -> no classification head
+  ))
+
+  # name -> dict(weight=..., **kwargs); each name is registered in mmfusion/objectives.py.
+  c.objectives = ConfigDict({'softmax_contrastive': dict(weight=1.0)})
+
+  c.optim = ConfigDict(dict(
+      lr=1e-3, warmup_steps=100, end_lr_ratio=0.0,
+      weight_decay=0.1, b1=0.9, b2=0.98, eps=1e-6, clip_norm=1.0,
+  ))
+
+  # name -> dict(type=..., every=..., **kwargs); types are registered in mmfusion/evals.
+  c.evals = ConfigDict({
+      'zeroshot': dict(type='zeroshot', every=0, split='test', batch_size=256,
+                       keep_if={'num_objects': 1},
+                       templates=('a {}.', 'a picture of a {}.', 'there is a {}.')),
+      'retrieval': dict(type='retrieval', every=0, split='validation', batch_size=256,
+                        keep_if={}),
+  })
+
+  c.log_every = 50
+  c.checkpoint = ConfigDict(dict(every=200, max_to_keep=2, async_save=True))
+  c.init_from = ConfigDict(dict(
+      path='',                            # a checkpoint dir or a workdir; '' -> from scratch
+      load='',                            # sub-tree of the saved params, e.g. 'image'; '' -> all
+      into='',                            # sub-tree of the new params it goes to; '' -> same
+      skip=(),                            # new param sub-trees left at their init, e.g. ('head',)
+  ))
+  c.freeze = ()                           # top-level param sub-trees not trained, e.g. ('image',)
+  c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  return c
+
+
+def lock(config: ConfigDict) -> ConfigDict:
+  config.lock()
+  return config
+
+
+def parse_arg(arg: str | None, **defaults):
+  """Config-file argument `'smoke,steps=300'` -> ConfigDict(smoke=True, steps=300, ...).
+
+  Only the names in `defaults` are allowed; values take the type of their default.
+  """
+  out = dict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    name, _, value = item.partition('=')
+    if name not in defaults:
+      raise ValueError(f'config argument {name!r} is unknown; known: {sorted(defaults)}.')
+    default = defaults[name]
+    if not value:
+      if not isinstance(default, bool):
+        raise ValueError(f'config argument {name!r} needs a value ({name}=...).')
+      out[name] = True
+    elif isinstance(default, bool):
+      out[name] = value.lower() in ('1', 'true', 'yes')
+    else:
+      out[name] = type(default)(value)
+  return ConfigDict(out)
+
+
+def smoke(config: ConfigDict) -> ConfigDict:
+  """A few steps on the tiny dataset: checks a config end to end in about a minute."""
+  config.data.builder_config = 'tiny'
+  config.total_steps = 20
+  config.batch_size = 32
+  config.log_every = 5
+  config.checkpoint.every = 10
+  config.optim.warmup_steps = 5
+  for name in config.evals:
+    config.evals[name].every = 0
+    config.evals[name].batch_size = 32
+  return config

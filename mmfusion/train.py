@@ -1,0 +1,343 @@
+"""The one trainer: every objective mix, every mesh, from scratch, resumed, or fine-tuned.
+
+`run(config, workdir)`: validate -> mesh -> tokenizer, model -> sharded state (created,
+restored, or initialised from another checkpoint) -> jitted steps -> evals -> checkpoints.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from typing import Any, Iterator
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from jax.sharding import PartitionSpec as P
+
+from mmfusion import checkpoint as ckpt_lib
+from mmfusion import evals
+from mmfusion import objectives
+from mmfusion import optim
+from mmfusion import sharding
+from mmfusion import writers
+from mmfusion.data import pipeline
+from mmfusion.models import model as model_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array        # int32 scalar
+  params: Any
+  opt_state: Any
+  rng: jax.Array         # raw uint32[2] key; per-step keys are folded in from `step`
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy with the values that depend on the data filled in (e.g. head.num_classes=-1)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  if config.model.head.num_classes == -1:
+    config.model.head.num_classes = len(pipeline.class_names(config))
+  config.lock()
+  return config
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Impossible values fail here, before data or compute, naming the key."""
+  def need(ok: bool, msg: str):
+    if not ok:
+      raise ValueError(msg)
+  need(config.total_steps > 0, f'config.total_steps = {config.total_steps}: must be > 0.')
+  need(config.batch_size > 0, f'config.batch_size = {config.batch_size}: must be > 0.')
+  need(config.batch_size % jax.process_count() == 0,
+       f'config.batch_size = {config.batch_size} must divide evenly over '
+       f'{jax.process_count()} processes.')
+  need(config.data.image_size > 0, f'config.data.image_size = {config.data.image_size}: must be > 0.')
+  need(config.tokenizer.max_len >= 2, f'config.tokenizer.max_len = {config.tokenizer.max_len}: '
+       'must be >= 2 (one token and EOS).')
+  need(config.log_every > 0, f'config.log_every = {config.log_every}: must be > 0.')
+  need(config.checkpoint.every >= 0, 'config.checkpoint.every must be >= 0 (0: only at the end).')
+  need(config.optim.lr > 0, f'config.optim.lr = {config.optim.lr}: must be > 0.')
+  shape = sharding.mesh_shape(config.mesh, num_devices)
+  dp = shape[0] * shape[1]
+  need(config.batch_size % dp == 0,
+       f'config.batch_size = {config.batch_size} must be divisible by the data-parallel size '
+       f'{dp} (mesh data x fsdp = {shape[0]} x {shape[1]}).')
+  for name, cfg in config.evals.items():
+    need(int(cfg.get('every', 0)) >= 0, f'config.evals.{name}.every must be >= 0.')
+  if config.init_from.path:
+    ckpt_lib.find_step_dir(config.init_from.path)   # fails early with the path in the message
+
+
+def init_batch(config: ml_collections.ConfigDict, batch: int = 2) -> dict[str, jax.ShapeDtypeStruct]:
+  """Abstract batch the model is initialised and checked with."""
+  s, l = config.data.image_size, config.tokenizer.max_len
+  return {
+      'image': jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32),
+      'text': jax.ShapeDtypeStruct((batch, l), jnp.int32),
+      'text_mask': jax.ShapeDtypeStruct((batch, l), jnp.bool_),
+      'label': jax.ShapeDtypeStruct((batch,), jnp.int32),
+  }
+
+
+def check_batch(batch: dict[str, Any], expected: dict[str, jax.ShapeDtypeStruct]) -> None:
+  """The first real batch must agree with what the config promised the model."""
+  for key, spec in expected.items():
+    if key not in batch:
+      raise ValueError(f'the input pipeline gave no {key!r}; it gave {sorted(batch)}.')
+    got = batch[key]
+    if tuple(got.shape[1:]) != tuple(spec.shape[1:]):
+      raise ValueError(
+          f'batch[{key!r}] has shape {tuple(got.shape)}, but the config implies '
+          f'[batch, {", ".join(map(str, spec.shape[1:]))}] (config.data.image_size / '
+          'config.tokenizer.max_len).')
+
+
+class Interrupt:
+  """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and exits.
+
+  A second signal interrupts immediately (for a wedged run)."""
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.signum is not None:
+      raise KeyboardInterrupt
+    self.signum = signum
+    print(f'\n[mmfusion] {signal.Signals(signum).name} received: saving a checkpoint at the next '
+          'step boundary, then stopping (signal again to stop at once).', flush=True)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+class Trainer:
+  """Holds what one run needs; `run()` is the loop. Reads top to bottom like the step flow."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.workdir = os.path.abspath(os.path.expanduser(workdir))
+    validate(config, jax.device_count())
+    self.config = config = resolve(config)
+    self.mesh = sharding.make_mesh(config.mesh)
+    self.rules = sharding.DEFAULT_RULES
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
+
+    self.tokenizer = pipeline.get_tokenizer(config)
+    self.model = model_lib.build(config.model, vocab_size=self.tokenizer.vocab_size)
+    self.tx, self.lr_schedule = optim.make(config.optim, config.total_steps, config.freeze)
+
+    self.expected_batch = init_batch(config)
+    boxed = jax.eval_shape(self.model.init, jax.random.key(0), self.expected_batch)
+    self.param_specs = nn.get_partition_spec(boxed)['params']
+    self._check_names(nn.unbox(boxed)['params'])
+    abstract_out = jax.eval_shape(
+        lambda v, b: self.model.apply(v, b), nn.unbox(boxed), self.expected_batch)
+    objectives.check(config.objectives, abstract_out, set(self.expected_batch))
+
+    self.abstract_state = jax.eval_shape(self._init_state, jax.random.key(0))
+    self.state_specs = TrainState(
+        step=P(), params=self.param_specs,
+        opt_state=sharding.opt_state_specs(self.abstract_state.opt_state, self.param_specs), rng=P())
+    self.state_shardings = sharding.logical_to_shardings(self.state_specs, self.mesh, self.rules)
+
+    self.evaluators = {
+        name: evals.build(name, cfg, model=self.model, config=config, tokenizer=self.tokenizer)
+        for name, cfg in config.evals.items()}
+    self.checkpointer = ckpt_lib.Checkpointer(
+        self.workdir, max_to_keep=config.checkpoint.max_to_keep,
+        async_save=config.checkpoint.async_save)
+    self.writer = writers.MetricWriter(self.workdir)
+    self._train_step = jax.jit(
+        self._step, in_shardings=(self.state_shardings, self.batch_sharding),
+        out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=0)
+
+  def _check_names(self, params) -> None:
+    for name in self.config.freeze:
+      if name not in params:
+        raise ValueError(f'config.freeze names {name!r}, which is not a top-level param sub-tree; '
+                         f'the model has {sorted(params)}.')
+
+  # -- state ------------------------------------------------------------------------------
+
+  def _init_state(self, rng: jax.Array) -> TrainState:
+    params_rng, train_rng = jax.random.split(rng)
+    params = nn.unbox(self.model.init(params_rng, self.expected_batch))['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.tx.init(params), rng=jax.random.key_data(train_rng))
+
+  def _abstract_with_shardings(self):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        self.abstract_state, self.state_shardings)
+
+  def create_state(self) -> tuple[TrainState, dict[str, Any]]:
+    """Restores the latest checkpoint of this workdir, else initialises (and init_from)."""
+    latest = self.checkpointer.latest_step()
+    if latest is not None:
+      state, meta = self.checkpointer.restore(latest, self._abstract_with_shardings())
+      expected_seen = int(state.step) * self.config.batch_size
+      if meta.get('data', {}).get('examples_seen') != expected_seen:
+        raise ckpt_lib.CheckpointError(
+            f'{self.checkpointer.directory}/{latest}: the checkpoint saw '
+            f"{meta.get('data', {}).get('examples_seen')} examples in {int(state.step)} steps, "
+            f'which does not fit config.batch_size = {self.config.batch_size}; resume with the '
+            'batch size it was written with.')
+      print(f'[mmfusion] resumed from {self.checkpointer.directory}/{latest} (step {latest}).')
+      return state, meta
+    init = jax.jit(self._init_state, out_shardings=self.state_shardings)
+    state = init(jax.random.key(self.config.seed))
+    if self.config.init_from.path:
+      state = self._init_from(state)
+    return state, {}
+
+  def _init_from(self, state: TrainState) -> TrainState:
+    cfg = self.config.init_from
+    loaded = ckpt_lib.load_params(cfg.path, cfg.load)
+    merged = ckpt_lib.merge_params(
+        sharding.to_host(state.params), loaded, into=cfg.into or cfg.load, skip=tuple(cfg.skip),
+        source=f'checkpoint {ckpt_lib.find_step_dir(cfg.path)}' + (f' [{cfg.load}]' if cfg.load else ''))
+    params = jax.device_put(merged, self.state_shardings.params)
+    opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
+    print(f'[mmfusion] initialised {cfg.into or cfg.load or "all params"} from '
+          f'{ckpt_lib.find_step_dir(cfg.path)}' + (f' [{cfg.load}]' if cfg.load else '') + '.')
+    return state.replace(params=params, opt_state=opt_state)
+
+  # -- step -------------------------------------------------------------------------------
+
+  def _step(self, state: TrainState, batch: dict[str, jax.Array]):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def loss_fn(params):
+      out = self.model.apply({'params': params}, batch, train=True, rngs={'dropout': rng})
+      return objectives.total_loss(self.config.objectives, out, batch)
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['lr'] = self.lr_schedule(state.step)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  def train_step(self, state, batch):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self._train_step(state, batch)
+
+  # -- evaluation and saving ----------------------------------------------------------------
+
+  def evaluate(self, state: TrainState, step: int, final: bool = False) -> dict[str, float]:
+    results = {}
+    for name, evaluator in self.evaluators.items():
+      every = int(self.config.evals[name].get('every', 0))
+      if not final and not (every and step % every == 0):
+        continue
+      t0 = time.perf_counter()
+      for metric, value in evaluator.run(state.params):
+        results[f'{name}/{metric}'] = float(value)
+      results[f'{name}/seconds'] = time.perf_counter() - t0
+    if results:
+      self.writer.write(step, results)
+      shown = ', '.join(f'{k}={v:.4f}' for k, v in results.items() if not k.endswith('/seconds'))
+      tqdm.tqdm.write(f'[mmfusion] step {step} eval: {shown}')
+    return results
+
+  def save(self, state: TrainState, step: int) -> None:
+    if self.checkpointer.latest_step() == step:
+      return
+    meta = {
+        'step': step,
+        'data': {'examples_seen': step * self.config.batch_size,
+                 'epoch': step // self.steps_per_epoch,
+                 'batch_in_epoch': step % self.steps_per_epoch},
+        'config': self.config.to_dict(),
+    }
+    self.checkpointer.save(step, state, json.loads(json.dumps(meta, default=str)))
+
+  # -- loop -------------------------------------------------------------------------------
+
+  def run(self) -> dict[str, float]:
+    config = self.config
+    if jax.process_index() == 0:
+      os.makedirs(self.workdir, exist_ok=True)
+      with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
+        f.write(config.to_json_best_effort(indent=2))
+    state, _ = self.create_state()
+    start = int(state.step)
+    self.steps_per_epoch = pipeline.steps_per_epoch(config)
+    batches = pipeline.train_iterator(config, self.tokenizer, self.batch_sharding, start_step=start)
+
+    pending: list[dict[str, jax.Array]] = []
+    final: dict[str, float] = {}
+    wait_s, t_log, step = 0.0, time.perf_counter(), start
+    bar = tqdm.tqdm(total=config.total_steps, initial=start, desc='train', unit='step',
+                    dynamic_ncols=True, disable=jax.process_index() != 0)
+    with Interrupt() as interrupt:
+      for step in range(start + 1, config.total_steps + 1):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        wait_s += time.perf_counter() - t0
+        if step == start + 1:
+          check_batch(batch, self.expected_batch)
+        state, metrics = self.train_step(state, batch)
+        pending.append(metrics)     # fetched only at log steps: no host sync per step
+        bar.update(1)
+
+        if step % config.log_every == 0 or step == config.total_steps:
+          logged = self._log(step, pending, time.perf_counter() - t_log, wait_s, len(pending))
+          bar.set_postfix(loss=f"{logged['loss']:.4f}", ex_s=f"{logged['examples_per_sec']:.0f}")
+          pending, wait_s, t_log = [], 0.0, time.perf_counter()
+        if config.checkpoint.every and step % config.checkpoint.every == 0:
+          self.save(state, step)
+        if step < config.total_steps:
+          final.update(self.evaluate(state, step))
+        if interrupt.signum is not None:
+          self.save(state, step)
+          self.checkpointer.wait()
+          bar.close()
+          self.writer.close()
+          print(f'[mmfusion] stopped at step {step}; checkpoint saved in '
+                f'{self.checkpointer.directory}. Re-run the same command to resume.')
+          raise SystemExit(128 + interrupt.signum)
+    bar.close()
+    final = self.evaluate(state, config.total_steps, final=True)
+    self.save(state, config.total_steps)
+    self.checkpointer.wait()
+    self.writer.close()
+    if jax.process_index() == 0:
+      with open(os.path.join(self.workdir, 'final_metrics.json'), 'w') as f:
+        json.dump({'step': config.total_steps, **final}, f, indent=2)
+    return final
+
+  def _log(self, step, pending, seconds, wait_s, num_steps) -> dict[str, float]:
+    fetched = jax.device_get(pending)
+    logged = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+    logged['lr'] = float(fetched[-1]['lr'])
+    logged['steps_per_sec'] = num_steps / seconds
+    logged['examples_per_sec'] = num_steps * self.config.batch_size / seconds
+    logged['data_wait_fraction'] = wait_s / seconds
+    self.writer.write(step, logged)
+    return logged
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  trainer = Trainer(config, workdir)
+  try:
+    return trainer.run()
+  finally:
+    with contextlib.suppress(Exception):
+      trainer.checkpointer.close()

@@ -1,0 +1,27 @@
+"""mmfusion: multimodal transformers in JAX/Flax (image, text, audio; contrastive + generative)."""
+import setuptools
+
+setuptools.setup(
+    name="mmfusion",
+    version="0.1.0",
+    description="Multimodal transformers in JAX/Flax: towers, fusion, contrastive and generative pretraining.",
+    packages=setuptools.find_packages(include=["mmfusion", "mmfusion.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7,<0.13",
+        "flax>=0.11,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        # TensorFlow only feeds data (tf.data); the CPU build keeps it off accelerators.
+        "tensorflow-cpu>=2.18,<2.22",
+        "tensorflow-datasets>=4.9.7,<4.10",
+        "sentencepiece>=0.2,<0.3",
+        "ml-collections>=1.0,<1.2",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100"],
+    },
+)

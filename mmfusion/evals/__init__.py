@@ -1,0 +1,46 @@
+"""Evaluators by type: zero-shot classification, retrieval recall@k, head classification.
+
+`build(name, config.evals[name], ...)` checks the entry and returns an object whose
+`run(params)` yields (metric_name, float) pairs; the trainer logs them as f'{name}/{metric}'.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from mmfusion.evals import common
+from mmfusion.evals.classification import Classification
+from mmfusion.evals.retrieval import Retrieval
+from mmfusion.evals.zeroshot import ZeroShot
+
+Evaluator = common.Evaluator
+
+REGISTRY: dict[str, type[common.Evaluator]] = {
+    'zeroshot': ZeroShot,
+    'retrieval': Retrieval,
+    'classification': Classification,
+}
+
+
+def build(name: str, eval_cfg: Any, *, model: Any, config: Any, tokenizer: Any
+          ) -> common.Evaluator:
+  """The evaluator for `config.evals[name]`; bad types, keys or values fail here, naming them.
+
+  `type` picks the class and `every` (steps between runs, 0 = never during training) is the
+  trainer's; every other key goes to the evaluator, which rejects the ones it does not take.
+  """
+  options = common.to_plain(eval_cfg)
+  if not isinstance(options, dict):
+    raise ValueError(f'config.evals.{name} must be a dict(type=..., every=..., ...), '
+                     f'got {eval_cfg!r}.')
+  options = dict(options)
+  known = ', '.join(sorted(REGISTRY))
+  if 'type' not in options:
+    raise ValueError(f'config.evals.{name} has no "type"; known types: {known}.')
+  kind = options.pop('type')
+  if kind not in REGISTRY:
+    raise ValueError(f'config.evals.{name}: unknown type {kind!r}; known types: {known}.')
+  every = options.pop('every', 0)
+  if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+    raise ValueError(f'config.evals.{name}: every must be an int >= 0 (0 = never), '
+                     f'got {every!r}.')
+  return REGISTRY[kind](name, model=model, config=config, tokenizer=tokenizer, **options)

@@ -20,6 +20,8 @@ setuptools.setup(
         "numpy>=1.26",
         "tqdm>=4.66",
         "tensorboardX>=2.6",
+        # TFDS needs it to register builders defined inside packages (yours too).
+        "importlib-resources>=6",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],

@@ -80,6 +80,9 @@ class Checkpointer:
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_SUBDIR))
     self._manager = ocp.CheckpointManager(
         self.directory,
+        # Named handlers let a fresh process read a step's metadata before restoring it.
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True),
     )
@@ -97,8 +100,10 @@ class Checkpointer:
       saved = self._manager.item_metadata(step)['state']
     except Exception as e:  # orbax raises many types for corrupt or partial steps
       raise CheckpointError(f'checkpoint {self.directory}/{step} is unreadable: {e}') from e
+    if saved is None:
+      raise CheckpointError(f'checkpoint {self.directory}/{step} has no readable state item.')
     saved_flat = _flat_metadata(saved)
-    wanted_flat = {jax.tree_util.keystr(k): v for k, v in
+    wanted_flat = {_path_str(k): v for k, v in
                    jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
     diff = shape_diff(wanted_flat, saved_flat, 'current config', 'checkpoint')
     if diff:
@@ -120,11 +125,23 @@ class Checkpointer:
     self._manager.close()
 
 
-def _flat_metadata(tree_metadata) -> dict[str, tuple[int, ...]]:
+def _path_str(keypath) -> str:
+  """'opt_state/1/0/mu/image/kernel': the same for a live tree and orbax's metadata of it
+  (which stores dataclasses and named tuples as dicts)."""
+  parts = []
+  for k in keypath:
+    for attr in ('key', 'idx', 'name'):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+  return '/'.join(parts)
+
+
+def _flat_metadata(tree_metadata) -> dict[str, np.ndarray]:
   tree = getattr(tree_metadata, 'tree', tree_metadata)
   leaves = jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=lambda x: hasattr(x, 'shape'))[0]
-  return {jax.tree_util.keystr(k): np.zeros(v.shape, np.int8) for k, v in leaves}
+  return {_path_str(k): np.zeros(v.shape, np.int8) for k, v in leaves}
 
 
 # ----------------------------------------------------------------------------- init_from

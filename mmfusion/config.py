@@ -21,24 +21,27 @@ def base() -> ConfigDict:
       builder_config='',                  # '' -> the builder's default config
       data_dir='',                        # '' -> $MMFUSION_DATA_DIR or ~/.cache/mmfusion/datasets
       train_split='train',
+      inputs=('image', 'text', 'text_mask', 'label'),  # batch keys the model and losses see
       image_size=32,                      # pixels after resize
-      shuffle_buffer=10_000,
+      shuffle_buffer=10_000,              # only when a host's split does not fit in memory
       augment=True,                       # light colour jitter; geometry is left alone
       prefetch=2,                         # batches kept ready on device
   ))
   c.tokenizer = ConfigDict(dict(
       model='',                           # path to a sentencepiece .model; '' -> train from captions
       vocab_size=256,                     # when training one
-      max_len=24,                         # tokens per text, EOS included
+      max_len=16,                         # tokens per text, EOS included
   ))
 
   c.model = ConfigDict(dict(
-      embed_dim=128,                      # shared embedding space
+      embed_dim=96,                       # shared embedding space
       dtype='float32',                    # compute dtype
       param_dtype='float32',
-      image=dict(variant='', patch_size=4, width=128, depth=4, mlp_dim=512,
+      # A variant such as 'S/16' (ViT naming) overrides width/depth/mlp_dim/num_heads
+      # (and patch_size); '' uses the explicit sizes.
+      image=dict(variant='', patch_size=8, width=96, depth=3, mlp_dim=384,
                  num_heads=4, pool='gap', dropout=0.0),
-      text=dict(variant='', width=128, depth=3, mlp_dim=512, num_heads=4,
+      text=dict(variant='', width=96, depth=2, mlp_dim=384, num_heads=4,
                 causal=True, pool='eos', dropout=0.0),
       temperature_init=1 / 0.07,          # CLIP; SigLIP uses 10
       temperature_max=100.0,              # CLIP's clamp
@@ -56,15 +59,15 @@ def base() -> ConfigDict:
 
   # name -> dict(type=..., every=..., **kwargs); types are registered in mmfusion/evals.
   c.evals = ConfigDict({
-      'zeroshot': dict(type='zeroshot', every=0, split='test', batch_size=256,
+      'zeroshot': dict(type='zeroshot', every=250, split='test', batch_size=256,
                        keep_if={'num_objects': 1},
                        templates=('a {}.', 'a picture of a {}.', 'there is a {}.')),
-      'retrieval': dict(type='retrieval', every=0, split='validation', batch_size=256,
+      'retrieval': dict(type='retrieval', every=500, split='validation', batch_size=256,
                         keep_if={}),
   })
 
   c.log_every = 50
-  c.checkpoint = ConfigDict(dict(every=200, max_to_keep=2, async_save=True))
+  c.checkpoint = ConfigDict(dict(every=100, max_to_keep=2, async_save=True))
   c.init_from = ConfigDict(dict(
       path='',                            # a checkpoint dir or a workdir; '' -> from scratch
       load='',                            # sub-tree of the saved params, e.g. 'image'; '' -> all

@@ -5,6 +5,7 @@ Flags -> locked config -> `train.run(config, workdir)`. Re-running on a workdir 
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 # TensorFlow only feeds data; keep its start-up chatter out of the user's terminal.
@@ -22,6 +23,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)   # TFDS logs every file it touches at INFO
   from mmfusion import train  # heavy imports after flag parsing, so --help is instant
   final = train.run(_CONFIG.value, _WORKDIR.value)
   print('[mmfusion] final: ' + ', '.join(f'{k}={v:.4f}' for k, v in sorted(final.items())))
@@ -34,11 +37,15 @@ def _friendly_flag_errors(argv):
   except flags.Error as e:
     sys.exit(f'mmfusion: {e}')
   except (AttributeError, KeyError) as e:
-    # ml_collections reports an unknown override key as a bare AttributeError('key').
-    key = str(e).strip('"\'')
+    # ml_collections reports an unknown override key as a bare AttributeError("'key' Did you
+    # mean ...?"), with escaping that varies; pull out the key and the suggestion.
+    text = str(e)
+    key = re.match(r'\W*(\w+)', text).group(1) if re.match(r'\W*(\w+)', text) else text
+    suggestion = re.search(r'Did you mean "(\w+)"', text)
     culprits = [a for a in argv if a.startswith('--config.') and key in a.split('=')[0].split('.')]
-    sys.exit(f'mmfusion: unknown config key {key!r} in {culprits or "the --config.* overrides"}; '
-             'the config file defines every key that can be set (see mmfusion/config.py).')
+    sys.exit(f'mmfusion: unknown config key {key!r} in {culprits or "the --config.* overrides"}'
+             + (f' (did you mean {suggestion.group(1)!r}?)' if suggestion else '')
+             + '. Every settable key is defined in mmfusion/config.py.')
 
 
 if __name__ == '__main__':

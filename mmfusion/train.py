@@ -81,12 +81,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
 def init_batch(config: ml_collections.ConfigDict, batch: int = 2) -> dict[str, jax.ShapeDtypeStruct]:
   """Abstract batch the model is initialised and checked with."""
   s, l = config.data.image_size, config.tokenizer.max_len
-  return {
+  known = {
       'image': jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32),
       'text': jax.ShapeDtypeStruct((batch, l), jnp.int32),
       'text_mask': jax.ShapeDtypeStruct((batch, l), jnp.bool_),
       'label': jax.ShapeDtypeStruct((batch,), jnp.int32),
   }
+  unknown = set(config.data.inputs) - set(known)
+  if unknown:
+    raise ValueError(f'config.data.inputs names {sorted(unknown)}; known batch keys: {sorted(known)}.')
+  return {k: known[k] for k in config.data.inputs}
 
 
 def check_batch(batch: dict[str, Any], expected: dict[str, jax.ShapeDtypeStruct]) -> None:
@@ -178,7 +182,8 @@ class Trainer:
 
   def _init_state(self, rng: jax.Array) -> TrainState:
     params_rng, train_rng = jax.random.split(rng)
-    params = nn.unbox(self.model.init(params_rng, self.expected_batch))['params']
+    dummy = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.expected_batch)
+    params = nn.unbox(self.model.init(params_rng, dummy))['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=self.tx.init(params), rng=jax.random.key_data(train_rng))
 
@@ -291,6 +296,7 @@ class Trainer:
         t0 = time.perf_counter()
         batch = next(batches)
         wait_s += time.perf_counter() - t0
+        batch = {k: batch[k] for k in self.expected_batch if k in batch}
         if step == start + 1:
           check_batch(batch, self.expected_batch)
         state, metrics = self.train_step(state, batch)

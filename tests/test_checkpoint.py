@@ -40,7 +40,7 @@ def test_restore_into_a_different_model_lists_the_differences(tmp_path):
   with pytest.raises(ckpt.CheckpointError) as e:
     c.restore(1, abstract)
   msg = str(e.value)
-  assert "['head']['kernel']" in msg and 'missing from the checkpoint' in msg
+  assert 'params/head/kernel' in msg and 'missing from the checkpoint' in msg
   assert "current config (5, 3) vs checkpoint (4, 3)" in msg
   c.close()
 

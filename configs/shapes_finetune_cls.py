@@ -1,0 +1,39 @@
+r"""Fine-tune a classifier on the pretrained image tower of the default run.
+
+Loads the image tower (ViT + projection) of `configs/shapes_clip.py`'s checkpoint, adds a
+zero-initialised linear head over the colour-shape classes and trains everything with
+softmax cross-entropy. Run the default pretraining first:
+
+  python -m mmfusion.main --config configs/shapes_clip.py --workdir workdirs/shapes_clip
+  python -m mmfusion.main --config configs/shapes_finetune_cls.py --workdir workdirs/shapes_finetune_cls
+
+Arguments (comma-separated): `init=PATH` (the pretrained workdir or checkpoint; default
+workdirs/shapes_clip), `scratch` (same steps, no pretrained weights: the baseline),
+`smoke` (a few steps on the tiny dataset).
+
+Result: RESULT_PLACEHOLDER
+"""
+from mmfusion import config as mmf_config
+
+
+def get_config(arg=None):
+  arg = mmf_config.parse_arg(arg, init='workdirs/shapes_clip', scratch=False, smoke=False)
+  config = mmf_config.base()
+  config.data.inputs = ('image', 'label')                 # the text tower is not needed
+  config.model.head = dict(num_classes=-1, input='image')   # -1: as many as the dataset's labels
+  config.objectives = {'classification': dict(weight=1.0, label_smoothing=0.0)}
+  config.total_steps = 300
+  config.optim.lr = 3e-4
+  config.optim.warmup_steps = 30
+  config.optim.weight_decay = 0.05
+  config.evals = {
+      'classification': dict(type='classification', every=100, split='test', batch_size=256,
+                             keep_if={}),
+  }
+  config.checkpoint.every = 100
+  if not arg.scratch:
+    config.init_from.path = arg.init
+    config.init_from.load = 'image'
+  if arg.smoke:
+    mmf_config.smoke(config)
+  return mmf_config.lock(config)

@@ -1,0 +1,24 @@
+r"""SigLIP-style pretraining (sigmoid contrastive) on the embedded shapes dataset.
+
+Same towers and data as the default `shapes_clip.py`; the loss treats every image-text
+pair as an independent binary problem, with temperature t' = log 10 and bias b = -10 at
+init, as in the SigLIP paper.
+
+  python -m mmfusion.main --config configs/shapes_siglip.py --workdir workdirs/shapes_siglip
+
+Argument: `configs/shapes_siglip.py:smoke` runs 20 steps on the tiny dataset.
+
+Result: RESULT_PLACEHOLDER
+"""
+from mmfusion import config as mmf_config
+
+
+def get_config(arg=None):
+  arg = mmf_config.parse_arg(arg, smoke=False)
+  config = mmf_config.base()
+  config.objectives = {'sigmoid_contrastive': dict(weight=1.0)}
+  config.model.temperature_init = 10.0
+  config.model.bias_init = -10.0
+  if arg.smoke:
+    mmf_config.smoke(config)
+  return mmf_config.lock(config)

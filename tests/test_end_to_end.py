@@ -1,0 +1,157 @@
+"""The real CLI, end to end on a small rendered dataset: learning, exact resume, fine-tuning.
+
+Runs `python -m mmfusion.main` in subprocesses, as a user would, so signals, flags and
+the workdir layout are exercised for real.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from mmfusion import checkpoint as ckpt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A small variant of the embedded dataset (renders in about a second) and a short schedule.
+RUN = [
+    '--config.data.builder_config=tiny,num_train=2048,num_validation=128,num_test=256',
+    '--config.batch_size=64', '--config.log_every=10', '--config.checkpoint.every=10',
+    '--config.optim.warmup_steps=10', '--config.optim.lr=2e-3',
+]
+SMALL = RUN + [
+    '--config.evals.zeroshot.every=0', '--config.evals.retrieval.every=0',
+    '--config.evals.zeroshot.batch_size=128', '--config.evals.retrieval.batch_size=128',
+]
+
+
+def cli(config, workdir, data_dir, *flags, wait=True):
+  env = dict(os.environ, MMFUSION_DATA_DIR=str(data_dir), TF_CPP_MIN_LOG_LEVEL='2',
+             PYTHONUNBUFFERED='1')
+  cmd = [sys.executable, '-m', 'mmfusion.main', f'--config={ROOT}/configs/{config}',
+         f'--workdir={workdir}', *flags]
+  if not wait:
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp('data')
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory, data_dir):
+  """One uninterrupted 120-step CLIP run shared by the tests below."""
+  workdir = tmp_path_factory.mktemp('clip')
+  run = cli('shapes_clip.py', workdir, data_dir, *SMALL, '--config.total_steps=120')
+  assert run.returncode == 0, run.stdout + run.stderr
+  return workdir
+
+
+def test_loss_falls_and_retrieval_beats_chance(pretrained):
+  rows = metrics(pretrained)
+  losses = [r['loss'] for r in rows if 'loss' in r]
+  assert losses[-1] < 0.6 * losses[0], losses
+  final = json.load(open(os.path.join(pretrained, 'final_metrics.json')))
+  # 128 validation images with 5 captions each: chance R@5 is 5/128 (t2i), ~0.18 (i2t).
+  assert final['retrieval/t2i_r5'] > 5 * (5 / 128), final
+  assert final['retrieval/i2t_r5'] > 2.5 * (1 - (1 - 5 / 640) ** 25), final
+  # 30 classes: chance is 1/30.
+  assert final['zeroshot/accuracy'] > 10 / 30, final
+  assert os.path.isdir(os.path.join(pretrained, 'tb'))
+
+
+def test_sigterm_then_rerun_resumes_exactly(pretrained, tmp_path, data_dir):
+  workdir = tmp_path / 'interrupted'
+  proc = cli('shapes_clip.py', workdir, data_dir, *SMALL, '--config.total_steps=120', wait=False)
+  deadline = time.time() + 300
+  # Interrupt once training is under way (first log line written), wherever it is.
+  while time.time() < deadline and proc.poll() is None:
+    if (workdir / 'metrics.jsonl').exists() and (workdir / 'metrics.jsonl').read_text():
+      proc.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.2)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 128 + signal.SIGTERM, out
+  stopped = ckpt.Checkpointer(str(workdir), max_to_keep=2, async_save=False).latest_step()
+  assert stopped is not None and stopped < 120, out
+
+  rerun = cli('shapes_clip.py', workdir, data_dir, *SMALL, '--config.total_steps=120')
+  assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+  assert f'resumed from' in rerun.stdout and f'(step {stopped})' in rerun.stdout
+
+  a = json.load(open(os.path.join(pretrained, 'final_metrics.json')))
+  b = json.load(open(workdir / 'final_metrics.json'))
+  for key in a:
+    if not key.endswith('/seconds'):
+      assert a[key] == b[key], (key, a[key], b[key])
+  pa, pb = ckpt.load_params(str(pretrained)), ckpt.load_params(str(workdir))
+  for path, value in ckpt.flatten(pa).items():
+    np.testing.assert_array_equal(value, ckpt.flatten(pb)[path], err_msg=path)
+
+
+def test_finetune_from_checkpoint_beats_scratch(pretrained, tmp_path, data_dir):
+  common = [*RUN, '--config.total_steps=40', '--config.evals.classification.batch_size=128']
+  tuned = cli('shapes_finetune_cls.py', tmp_path / 'ft', data_dir, *common,
+              f'--config.init_from.path={pretrained}')
+  assert tuned.returncode == 0, tuned.stdout + tuned.stderr
+  assert 'initialised image from' in tuned.stdout
+  scratch = cli('shapes_finetune_cls.py:scratch', tmp_path / 'scratch', data_dir, *common)
+  assert scratch.returncode == 0, scratch.stdout + scratch.stderr
+  acc_tuned = json.load(open(tmp_path / 'ft' / 'final_metrics.json'))['classification/accuracy']
+  acc_scratch = json.load(open(tmp_path / 'scratch' / 'final_metrics.json'))['classification/accuracy']
+  assert acc_tuned > acc_scratch + 0.1, (acc_tuned, acc_scratch)
+
+
+def test_unknown_config_key_fails_at_the_command_line(tmp_path, data_dir):
+  run = cli('shapes_clip.py', tmp_path / 'bad', data_dir, '--config.optim.lrr=1')
+  assert run.returncode != 0
+  assert "unknown config key 'lrr' in ['--config.optim.lrr=1'] (did you mean 'lr'?)" in run.stderr
+
+
+@pytest.mark.parametrize('override, message', [
+    ({'mesh.data': 3}, 'config.mesh'),
+    ({'batch_size': 0}, 'config.batch_size = 0: must be > 0'),
+    ({'tokenizer.model': '/nonexistent/spm.model'}, '/nonexistent/spm.model'),
+    ({'data.name': 'not_a_dataset'}, 'not_a_dataset'),
+    ({'init_from.path': '/nonexistent/run'}, '/nonexistent/run'),
+    ({'freeze': ('imagee',)}, "config.freeze names 'imagee'"),
+    ({'data.inputs': ('image', 'label')}, 'softmax_contrastive needs model outputs'),
+])
+def test_bad_input_fails_before_training_with_one_clear_message(
+    tmp_path, data_dir, monkeypatch, override, message):
+  from configs import shapes_clip
+  from mmfusion import train
+  monkeypatch.setenv('MMFUSION_DATA_DIR', str(data_dir))
+  config = shapes_clip.get_config('smoke')
+  config.unlock()
+  for key, value in override.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  with pytest.raises(Exception, match=re.escape(message)):
+    train.Trainer(config, str(tmp_path / 'bad'))
+  assert not (tmp_path / 'bad' / 'checkpoints').exists()
+
+
+def test_resume_with_a_mismatched_config_names_the_difference(pretrained, tmp_path, data_dir):
+  import shutil
+  workdir = tmp_path / 'copy'
+  shutil.copytree(pretrained, workdir)
+  run = cli('shapes_clip.py', workdir, data_dir, *SMALL, '--config.total_steps=130',
+            '--config.model.image.width=64')
+  assert run.returncode != 0
+  assert 'does not match the current config' in run.stderr + run.stdout

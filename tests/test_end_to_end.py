@@ -102,7 +102,8 @@ def test_sigterm_then_rerun_resumes_exactly(pretrained, tmp_path, data_dir):
 
 
 def test_finetune_from_checkpoint_beats_scratch(pretrained, tmp_path, data_dir):
-  common = [*RUN, '--config.total_steps=40', '--config.evals.classification.batch_size=128']
+  common = [*RUN, '--config.total_steps=40', '--config.evals.classification.batch_size=128',
+            '--config.evals.classification_all.batch_size=128']
   tuned = cli('shapes_finetune_cls.py', tmp_path / 'ft', data_dir, *common,
               f'--config.init_from.path={pretrained}')
   assert tuned.returncode == 0, tuned.stdout + tuned.stderr

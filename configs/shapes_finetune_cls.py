@@ -11,7 +11,11 @@ Arguments (comma-separated): `init=PATH` (the pretrained workdir or checkpoint; 
 workdirs/shapes_clip), `scratch` (same steps, no pretrained weights: the baseline),
 `smoke` (a few steps on the tiny dataset).
 
-Result: RESULT_PLACEHOLDER
+Result (2-core CPU, 2026-11-25; 1 min 11 s wall; 300 steps, batch 256):
+  from the default run's checkpoint: accuracy 0.997 (macro-F1 0.995) on the 959 single-object
+    test images; 0.788 on the whole test split, where a two-object image with objects of equal
+    size has an arbitrary 'primary' label;
+  from scratch (`:scratch`, same steps): 0.507 (single-object) and 0.376 (whole split).
 """
 from mmfusion import config as mmf_config
 

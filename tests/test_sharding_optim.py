@@ -75,3 +75,17 @@ def test_opt_state_specs_follow_params_through_wrappers():
     by_name.setdefault(jax.tree_util.keystr(path[-2:]), set()).add(spec)
   assert by_name["['image']['kernel']"] == {P('embed', 'mlp')}
   assert by_name["['image']['bias']"] == {P('mlp')}
+
+
+def test_a_batch_that_contradicts_the_config_is_named():
+  from mmfusion import train
+  from mmfusion.config import base
+  config = base()
+  expected = train.init_batch(config)
+  good = {k: np.zeros((4, *v.shape[1:]), v.dtype) for k, v in expected.items()}
+  train.check_batch(good, expected)
+  bad = dict(good, image=np.zeros((4, 48, 48, 3), np.float32))
+  with pytest.raises(ValueError, match=r"batch\['image'\] has shape \(4, 48, 48, 3\).*image_size"):
+    train.check_batch(bad, expected)
+  with pytest.raises(ValueError, match="gave no 'text_mask'"):
+    train.check_batch({k: v for k, v in good.items() if k != 'text_mask'}, expected)

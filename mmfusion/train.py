@@ -10,7 +10,7 @@ import json
 import os
 import signal
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import flax
 import flax.linen as nn

@@ -89,7 +89,7 @@ def test_sigterm_then_rerun_resumes_exactly(pretrained, tmp_path, data_dir):
 
   rerun = cli('shapes_clip.py', workdir, data_dir, *SMALL, '--config.total_steps=120')
   assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-  assert f'resumed from' in rerun.stdout and f'(step {stopped})' in rerun.stdout
+  assert 'resumed from' in rerun.stdout and f'(step {stopped})' in rerun.stdout
 
   a = json.load(open(os.path.join(pretrained, 'final_metrics.json')))
   b = json.load(open(workdir / 'final_metrics.json'))

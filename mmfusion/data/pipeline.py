@@ -137,7 +137,7 @@ def _prepared_builder(name: str, builder_config: str,
                      f'available: {available}')
   try:
     builder = tfds.builder(name, config=builder_config or None, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError as e:
+  except tfds.core.registered.DatasetNotFoundError:
     raise FileNotFoundError(f'Dataset {name!r} is neither registered nor prepared under '
                             f'{data_dir}. {how}') from None
   if not _is_prepared(builder):

@@ -213,14 +213,14 @@ class Trainer:
 
   def _init_from(self, state: TrainState) -> TrainState:
     cfg = self.config.init_from
+    source = ckpt_lib.find_step_dir(cfg.path) + (f' [{cfg.load}]' if cfg.load else '')
     loaded = ckpt_lib.load_params(cfg.path, cfg.load)
     merged = ckpt_lib.merge_params(
         sharding.to_host(state.params), loaded, into=cfg.into or cfg.load, skip=tuple(cfg.skip),
-        source=f'checkpoint {ckpt_lib.find_step_dir(cfg.path)}' + (f' [{cfg.load}]' if cfg.load else ''))
+        source=f'checkpoint {source}')
     params = jax.device_put(merged, self.state_shardings.params)
     opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
-    print(f'[mmfusion] initialised {cfg.into or cfg.load or "all params"} from '
-          f'{ckpt_lib.find_step_dir(cfg.path)}' + (f' [{cfg.load}]' if cfg.load else '') + '.')
+    print(f'[mmfusion] initialised {cfg.into or cfg.load or "all params"} from {source}.')
     return state.replace(params=params, opt_state=opt_state)
 
   # -- step -------------------------------------------------------------------------------

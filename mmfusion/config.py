@@ -47,6 +47,15 @@ def base() -> ConfigDict:
       temperature_max=100.0,              # CLIP's clamp
       bias_init=0.0,                      # SigLIP uses -10
       head=dict(num_classes=0, input='image'),   # 0 -> no classification head
+      # Speed and memory; none changes the maths. attention: 'auto' = cuDNN flash attention on
+      # GPU in 16-bit, XLA elsewhere | 'xla' | 'cudnn' | 'explicit'. remat: 'none' | 'full' |
+      # 'save_dots' | 'named' (keeps the activations named in remat_save, see models/layers.py).
+      # scan_layers: one nn.scan over each tower's blocks (compile time independent of depth;
+      # params get a leading 'layers' axis, and init_from converts either layout).
+      attention='auto',
+      remat='none',
+      remat_save=('qkv', 'attention'),
+      scan_layers=False,
   ))
 
   # name -> dict(weight=..., **kwargs); each name is registered in mmfusion/objectives.py.

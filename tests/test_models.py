@@ -3,6 +3,9 @@ logical axis names, dtypes and config decoding. Tiny sizes; runs in well under a
 """
 from __future__ import annotations
 
+import contextlib
+import io
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -431,3 +434,128 @@ def test_l2_normalize_of_zero_vector_is_finite():
   np.testing.assert_allclose(model_lib.l2_normalize(x), [[0.0, 0.0], [0.6, 0.8]], atol=1e-7)
   grad = jax.grad(lambda x: jnp.sum(model_lib.l2_normalize(x) * jnp.array([1.0, 2.0])))(x)
   assert np.all(np.isfinite(grad))
+
+
+# ----------------------------------------------------------------------------- speed features
+
+
+def _loss_and_grads(model, params, batch):
+  def loss(p):
+    out = model.apply({'params': p}, batch, train=True, rngs={'dropout': jax.random.key(1)})
+    return sum(jnp.sum(jnp.sin(e)) for e in out['embeddings'].values())
+  return jax.value_and_grad(loss)(params)
+
+
+def _assert_trees_close(a, b, atol=1e-5):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize('dropout', [0.0, 0.1])
+def test_scanned_and_unrolled_towers_agree(dropout):
+  changes = {'image.depth': 3, 'text.depth': 2, 'image.dropout': dropout, 'text.dropout': dropout}
+  unrolled = model_lib.build(tiny_model_config(**changes), VOCAB)
+  scanned = model_lib.build(tiny_model_config(scan_layers=True, **changes), VOCAB)
+  batch = make_batch()
+  params = params_of(unrolled.init(jax.random.key(0), batch))
+  stacked = layers.scan_layout(params)
+
+  # The scanned model's own params have exactly the converted layout, with a 'layers' axis.
+  scanned_vars = scanned.init(jax.random.key(0), batch)
+  assert jax.tree.map(jnp.shape, params_of(scanned_vars)) == jax.tree.map(jnp.shape, stacked)
+  spec = nn.get_partition_spec(scanned_vars)['params']['image']['encoder']['blocks']
+  assert spec['mlp']['fc1']['kernel'] == jax.sharding.PartitionSpec('layers', 'embed', 'mlp')
+
+  a, b = unrolled.apply({'params': params}, batch), scanned.apply({'params': stacked}, batch)
+  _assert_trees_close(a['embeddings'], b['embeddings'])
+  _assert_trees_close(a['tokens'], b['tokens'])
+  if dropout == 0.0:   # with dropout the two draw different masks per layer
+    (la, ga), (lb, gb) = (_loss_and_grads(unrolled, params, batch),
+                          _loss_and_grads(scanned, stacked, batch))
+    np.testing.assert_allclose(la, lb, rtol=1e-5)
+    _assert_trees_close(layers.scan_layout(ga), gb)
+
+
+def test_layout_conversion_stacks_blocks_and_round_trips():
+  rng = np.random.default_rng(0)
+  tower = {'encoder': {f'block_{i}': {'w': rng.normal(size=(2, 3)), 'b': rng.normal(size=3)}
+                       for i in range(4)} | {'encoder_norm': {'scale': np.ones(3)}},
+           'proj': {'kernel': np.ones((3, 2))}}
+  stacked = layers.scan_layout(tower)
+  assert sorted(stacked['encoder']) == ['blocks', 'encoder_norm']
+  np.testing.assert_array_equal(stacked['encoder']['blocks']['w'][2], tower['encoder']['block_2']['w'])
+  assert stacked['encoder']['blocks']['b'].shape == (4, 3)
+  assert layers.is_scanned(stacked) and layers.is_scanned(tower) is False
+  _assert_trees_close(layers.unscan_layout(stacked), tower, atol=0)
+  assert layers.match_layout(tower, like=stacked)['encoder'].keys() == stacked['encoder'].keys()
+  assert layers.is_scanned({'proj': 1}) is None
+  with pytest.raises(ValueError, match='gap in the numbering'):
+    layers.scan_layout({'block_0': {'w': 1.0}, 'block_2': {'w': 1.0}})
+
+
+def test_checkpoint_converts_between_layouts(tmp_path):
+  """An unrolled run's checkpoint, restored and converted, drives the scanned model (and back)."""
+  from mmfusion import checkpoint as ckpt
+  unrolled = model_lib.build(tiny_model_config(**{'image.depth': 2}), VOCAB)
+  scanned = model_lib.build(tiny_model_config(scan_layers=True, **{'image.depth': 2}), VOCAB)
+  batch = make_batch()
+  params = params_of(unrolled.init(jax.random.key(0), batch))
+  saver = ckpt.Checkpointer(str(tmp_path), max_to_keep=1, async_save=False)
+  saver.save(1, {'params': params}, {'step': 1})
+  saver.close()
+
+  loaded = ckpt.load_params(str(tmp_path))
+  target = params_of(scanned.init(jax.random.key(1), batch))
+  converted = ckpt.merge_params(target, layers.match_layout(loaded, like=target))
+  want = unrolled.apply({'params': params}, batch)['embeddings']
+  _assert_trees_close(scanned.apply({'params': converted}, batch)['embeddings'], want)
+  back = layers.match_layout(converted, like=params)
+  _assert_trees_close(unrolled.apply({'params': back}, batch)['embeddings'], want)
+
+
+@pytest.mark.parametrize('remat,save', [('full', ()), ('save_dots', ()),
+                                        ('named', ('qkv', 'mlp_hidden'))])
+@pytest.mark.parametrize('scan', [False, True])
+def test_remat_policies_change_memory_not_maths(remat, save, scan):
+  batch = make_batch()
+  reference = model_lib.build(tiny_model_config(scan_layers=scan), VOCAB)
+  params = params_of(reference.init(jax.random.key(0), batch))
+  model = model_lib.build(tiny_model_config(scan_layers=scan, remat=remat, remat_save=save), VOCAB)
+  (la, ga), (lb, gb) = (_loss_and_grads(reference, params, batch),
+                        _loss_and_grads(model, params, batch))
+  np.testing.assert_allclose(la, lb, rtol=1e-6)
+  _assert_trees_close(ga, gb, atol=1e-6)
+
+
+def test_remat_saves_what_the_policy_names():
+  """The backward pass of a 'named' block keeps exactly the tagged activations as residuals."""
+  x = jnp.ones((2, 5, W))
+  def residual_names(remat, save):
+    block = layers.Encoder(depth=1, mlp_dim=32, num_heads=2, remat=remat, remat_save=save)
+    params = params_of(block.init(jax.random.key(0), x))
+    f = lambda p: jnp.sum(block.apply({'params': p}, x))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+      jax.ad_checkpoint.print_saved_residuals(f, params)   # one line per residual, with its origin
+    return out.getvalue().splitlines()
+  full = residual_names('full', ())
+  named = residual_names('named', ('mlp_hidden',))
+  assert not any('mlp_hidden' in n for n in full)
+  assert any("named 'mlp_hidden'" in n for n in named), named
+
+
+def test_bad_speed_options_name_the_key():
+  with pytest.raises(ValueError, match='config.model.remat'):
+    model_lib.build(tiny_model_config(remat='some'), VOCAB)
+  with pytest.raises(ValueError, match='config.model.remat_save'):
+    model_lib.build(tiny_model_config(remat='named', remat_save=('nothing',)), VOCAB)
+  with pytest.raises(ValueError, match='config.model.attention'):
+    model_lib.build(tiny_model_config(attention='flash'), VOCAB)
+
+
+def test_auto_attention_is_xla_off_gpu():
+  assert layers.resolve_attention_impl('auto', jnp.bfloat16, 64) == (
+      'cudnn' if jax.default_backend() == 'gpu' else 'xla')
+  assert layers.resolve_attention_impl('auto', jnp.float32, 64) == 'xla'
+  assert layers.resolve_attention_impl('explicit', jnp.bfloat16, 64) == 'explicit'

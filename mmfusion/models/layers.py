@@ -4,11 +4,14 @@ Every param and main activation carries logical axis names; the config's rules m
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+import re
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 Dtype = Any
@@ -17,9 +20,48 @@ Dtype = Any
 # axes; a name missing from the rules leaves that dimension replicated.
 LOGICAL_AXES = ('batch', 'length', 'embed', 'mlp', 'heads', 'kv', 'vocab', 'layers', 'classes')
 ATTENTION_IMPLS = ('xla', 'cudnn', 'explicit')
-REMAT_POLICIES = ('none', 'full')
+REMAT_POLICIES = ('none', 'full', 'save_dots', 'named')
+# Activations tagged with `checkpoint_name`, which remat='named' can keep instead of recomputing:
+#   qkv        the query/key/value projections [B,L,heads,kv] (three arrays)
+#   attention  softmax(q k^T) v before the output projection [B,L,heads,kv]
+#   attn_out   the attention block's output projection [B,L,W]
+#   mlp_hidden the first MLP matmul, before the GELU [B,L,mlp]
+#   mlp_out    the second MLP matmul [B,L,W]
+CHECKPOINT_NAMES = ('qkv', 'attention', 'attn_out', 'mlp_hidden', 'mlp_out')
 
 _default_kernel_init = nn.initializers.xavier_uniform()
+
+
+def resolve_attention_impl(name: str, dtype: Dtype, head_dim: int) -> str:
+  """'auto' -> 'cudnn' (fused flash attention) where cuDNN can run it: a GPU backend, 16-bit
+  compute and a head dim that is a multiple of 8 up to 128; else 'xla'. Other names pass."""
+  if name != 'auto':
+    return name
+  fused_ok = (jax.default_backend() == 'gpu' and jnp.dtype(dtype).itemsize == 2
+              and head_dim % 8 == 0 and head_dim <= 128)
+  return 'cudnn' if fused_ok else 'xla'
+
+
+def remat_policy(remat: str, save_names: Sequence[str] = ()):
+  """The `jax.checkpoint` policy for a remat mode; None for remat='none' (no checkpointing).
+
+  full: nothing saved, every activation of a block is recomputed (least memory).
+  save_dots: the outputs of matmuls with parameters are kept; attention scores, softmax and
+    element-wise ops are recomputed (a good default when memory is tight).
+  named: only the activations tagged with the names in `save_names` (see CHECKPOINT_NAMES).
+  """
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'remat={remat!r}; expected one of {REMAT_POLICIES}')
+  unknown = set(save_names) - set(CHECKPOINT_NAMES)
+  if unknown:
+    raise ValueError(f'remat_save names {sorted(unknown)}; tagged activations are {CHECKPOINT_NAMES}')
+  if remat == 'none':
+    return None
+  if remat == 'full':
+    return jax.checkpoint_policies.nothing_saveable
+  if remat == 'save_dots':
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  return jax.checkpoint_policies.save_only_these_names(*save_names)
 
 
 def named_init(init_fn, names: Sequence[str | None]):
@@ -60,17 +102,36 @@ class HeadsDense(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def setup(self):
     ndim = len(self.kernel_shape)
     kernel_init = nn.initializers.xavier_uniform(
         in_axis=tuple(range(self.in_dims)), out_axis=tuple(range(self.in_dims, ndim)))
-    kernel = self.param('kernel', named_init(kernel_init, self.kernel_axes), self.kernel_shape,
-                        self.param_dtype)
-    bias = self.param('bias', named_init(nn.initializers.zeros, self.kernel_axes[self.in_dims:]),
-                      self.kernel_shape[self.in_dims:], self.param_dtype)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    self.kernel = self.param('kernel', named_init(kernel_init, self.kernel_axes),
+                             self.kernel_shape, self.param_dtype)
+    self.bias = self.param('bias', named_init(nn.initializers.zeros, self.kernel_axes[self.in_dims:]),
+                           self.kernel_shape[self.in_dims:], self.param_dtype)
+
+  def weights(self) -> tuple[Array, Array]:
+    return self.kernel, self.bias
+
+  def __call__(self, x: Array) -> Array:
+    x, kernel, bias = nn.dtypes.promote_dtype(x, self.kernel, self.bias, dtype=self.dtype)
     return jnp.tensordot(x, kernel, axes=self.in_dims) + bias
+
+
+def _fused_projection(projections: Sequence[HeadsDense], x: Array) -> tuple[Array, ...]:
+  """The outputs of several [W, heads, kv] projections of the same input, from one matmul."""
+  kernels, biases = [], []
+  for proj in projections:
+    kernel, bias = proj.weights()
+    kernels.append(kernel)
+    biases.append(bias)
+  kernel_wphd = jnp.stack(kernels, axis=1)   # p = which projection
+  bias_phd = jnp.stack(biases, axis=0)
+  x, kernel_wphd, bias_phd = nn.dtypes.promote_dtype(x, kernel_wphd, bias_phd,
+                                                     dtype=projections[0].dtype)
+  out_blphd = jnp.tensordot(x, kernel_wphd, axes=1) + bias_phd
+  return tuple(out_blphd[..., i, :, :] for i in range(len(projections)))
 
 
 class MultiHeadAttention(nn.Module):
@@ -113,9 +174,18 @@ class MultiHeadAttention(nn.Module):
         kernel_axes=('embed', 'heads', 'kv'), in_dims=1,
         dtype=self.dtype, param_dtype=self.param_dtype)
     bqhd = ('batch', 'length', 'heads', 'kv')
-    q_bqhd = constrain(project_in(name='query')(x_q), bqhd)
-    k_bkhd = constrain(project_in(name='key')(x_kv), bqhd)
-    v_bkhd = constrain(project_in(name='value')(x_kv), bqhd)
+    if x_kv is x_q:
+      # Self-attention: one matmul with the three kernels side by side feeds the matrix units
+      # better than three thin ones; the params stay three separate names.
+      q_bqhd, k_bkhd, v_bkhd = _fused_projection(
+          [project_in(name=n) for n in ('query', 'key', 'value')], x_q)
+    else:
+      q_bqhd = project_in(name='query')(x_q)
+      k_bkhd = project_in(name='key')(x_kv)
+      v_bkhd = project_in(name='value')(x_kv)
+    q_bqhd = checkpoint_name(constrain(q_bqhd, bqhd), 'qkv')
+    k_bkhd = checkpoint_name(constrain(k_bkhd, bqhd), 'qkv')
+    v_bkhd = checkpoint_name(constrain(v_bkhd, bqhd), 'qkv')
 
     mask = None if mask is None else _as_4d(mask)
     if self.attention_impl == 'explicit':
@@ -130,12 +200,12 @@ class MultiHeadAttention(nn.Module):
         has_key_bhq1 = jnp.any(self._full_mask(mask, q_bqhd.shape[1], k_bkhd.shape[1]),
                                axis=-1, keepdims=True)
         out_bqhd = jnp.where(jnp.swapaxes(has_key_bhq1, 1, 2), out_bqhd, 0).astype(out_bqhd.dtype)
-    out_bqhd = constrain(out_bqhd, bqhd)
+    out_bqhd = checkpoint_name(constrain(out_bqhd, bqhd), 'attention')
 
     out = HeadsDense(
         kernel_shape=(self.num_heads, head_dim, width), kernel_axes=('heads', 'kv', 'embed'),
         in_dims=2, dtype=self.dtype, param_dtype=self.param_dtype, name='out')(out_bqhd)
-    return constrain(out, ('batch', 'length', 'embed'))
+    return checkpoint_name(constrain(out, ('batch', 'length', 'embed')), 'attn_out')
 
   def _full_mask(self, mask: Array | None, len_q: int, len_k: int) -> Array | None:
     """The padding mask combined with the causal one (same lower-triangle as jax's `is_causal`)."""
@@ -176,21 +246,22 @@ class MlpBlock(nn.Module):
         self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=named_init(_default_kernel_init, ('embed', 'mlp')),
         bias_init=named_init(nn.initializers.normal(stddev=1e-6), ('mlp',)), name='fc1')(x_ble)
+    h_blm = checkpoint_name(h_blm, 'mlp_hidden')
     h_blm = constrain(nn.gelu(h_blm), ('batch', 'length', 'mlp'))
     h_blm = nn.Dropout(self.dropout)(h_blm, deterministic)
     out = nn.Dense(
         width, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=named_init(_default_kernel_init, ('mlp', 'embed')),
         bias_init=named_init(nn.initializers.normal(stddev=1e-6), ('embed',)), name='fc2')(h_blm)
-    return constrain(out, ('batch', 'length', 'embed'))
+    return checkpoint_name(constrain(out, ('batch', 'length', 'embed')), 'mlp_out')
 
 
 class EncoderBlock(nn.Module):
   """Pre-LN block: x + attn(LN(x)), then x + mlp(LN(x)).
 
   The call signature `(x, mask, deterministic) -> x` is what `nn.scan` over layers needs
-  (x is the carry, mask and deterministic are broadcast), so scanning later changes only
-  the param layout (a leading 'layers' axis), not the maths.
+  (x is the carry, mask and deterministic are broadcast), so scanning changes only the
+  param layout (a leading 'layers' axis), not the maths.
   """
   mlp_dim: int
   num_heads: int
@@ -219,12 +290,26 @@ class EncoderBlock(nn.Module):
     return constrain(x_ble, ('batch', 'length', 'embed'))
 
 
-class Encoder(nn.Module):
-  """`depth` EncoderBlocks ('block_0' ... 'block_{depth-1}') and a final LayerNorm ('encoder_norm').
+class _ScanStep(EncoderBlock):
+  """EncoderBlock in the `(carry, *xs) -> (carry, ys)` form that `nn.scan` iterates."""
 
-  remat='full' recomputes each block's activations in the backward pass (same params, same
-  outputs, less memory). Layers are unrolled; scanning them is planned and will stack the
-  blocks' params under one name with a leading 'layers' axis.
+  def __call__(self, x_ble: Array, mask: Array | None, deterministic: bool):
+    return super().__call__(x_ble, mask, deterministic), None
+
+
+SCANNED_BLOCKS = 'blocks'   # Encoder's param name for the stacked blocks when scan_layers
+
+
+class Encoder(nn.Module):
+  """`depth` EncoderBlocks and a final LayerNorm ('encoder_norm').
+
+  Param layouts: unrolled, the blocks are 'block_0' ... 'block_{depth-1}'; with `scan_layers`
+  they are one 'blocks' sub-tree whose leaves have a leading [depth] axis (logical name
+  'layers'), and the stack is an `nn.scan`, so the step compiles one block however deep the
+  tower is. Both give the same outputs; `scan_layout` / `unscan_layout` convert params.
+
+  remat: see `remat_policy` ('none' | 'full' | 'save_dots' | 'named' with `remat_save`).
+  Recomputing in the backward pass changes memory and speed, never params or outputs.
   """
   depth: int
   mlp_dim: int
@@ -234,12 +319,13 @@ class Encoder(nn.Module):
   attention_impl: str = 'xla'
   sow_weights: bool = False
   remat: str = 'none'
+  remat_save: tuple[str, ...] = ()
+  scan_layers: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   def __post_init__(self):
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f'remat={self.remat!r}; expected one of {REMAT_POLICIES}')
+    remat_policy(self.remat, self.remat_save)   # validates both
     if self.depth < 0:
       raise ValueError(f'depth must be >= 0; got {self.depth}')
     super().__post_init__()
@@ -247,14 +333,101 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x_ble: Array, mask: Array | None = None,
                deterministic: bool = True) -> Array:
-    block_cls = EncoderBlock
-    if self.remat == 'full':
+    block_kw = dict(
+        mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout, causal=self.causal,
+        attention_impl=self.attention_impl, sow_weights=self.sow_weights, dtype=self.dtype,
+        param_dtype=self.param_dtype)
+    block_cls = _ScanStep if self.scan_layers else EncoderBlock
+    if self.remat != 'none':
       # argnum 0 is the module itself, so 3 is `deterministic` (a Python bool: must be static).
-      block_cls = nn.remat(EncoderBlock, static_argnums=(3,))
-    for i in range(self.depth):
-      x_ble = block_cls(
-          mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
-          causal=self.causal, attention_impl=self.attention_impl, sow_weights=self.sow_weights,
-          dtype=self.dtype, param_dtype=self.param_dtype, name=f'block_{i}')(
-              x_ble, mask, deterministic)
+      # Under scan, XLA cannot merge the recomputation into the forward pass anyway, so the
+      # CSE barrier that remat adds by default is only needed unrolled.
+      block_cls = nn.remat(block_cls, policy=remat_policy(self.remat, self.remat_save),
+                           static_argnums=(3,), prevent_cse=not self.scan_layers)
+    if self.scan_layers and self.depth:
+      stack = nn.scan(
+          block_cls, length=self.depth,
+          variable_axes={'params': 0, 'intermediates': 0},
+          split_rngs={'params': True, 'dropout': True},
+          in_axes=(nn.broadcast, nn.broadcast),
+          metadata_params={nn.PARTITION_NAME: 'layers'})
+      x_ble, _ = stack(**block_kw, name=SCANNED_BLOCKS)(x_ble, mask, deterministic)
+    else:
+      for i in range(self.depth):
+        x_ble = block_cls(**block_kw, name=f'block_{i}')(x_ble, mask, deterministic)
     return layer_norm(self.dtype, self.param_dtype, 'encoder_norm')(x_ble)
+
+
+def _is_unrolled(tree: Any) -> bool:
+  return isinstance(tree, Mapping) and 'block_0' in tree
+
+
+def scan_layout(params: Any) -> Any:
+  """Unrolled -> scanned params: every {'block_0', ..., 'block_{n-1}'} group (in any sub-tree)
+  becomes {'blocks': leaves stacked on a new leading axis}. Other entries are kept; trees that
+  are already scanned pass through. Works on numpy and jax arrays."""
+  if not isinstance(params, Mapping):
+    return params
+  out = {}
+  blocks = sorted((k for k in params if re.fullmatch(r'block_\d+', k)),
+                  key=lambda k: int(k.split('_')[1]))
+  if blocks:
+    expected = [f'block_{i}' for i in range(len(blocks))]
+    if blocks != expected:
+      raise ValueError(f'cannot stack blocks {blocks}: expected {expected} (a gap in the numbering)')
+    if SCANNED_BLOCKS in params:
+      raise ValueError(f"params have both '{SCANNED_BLOCKS}' and 'block_i' entries")
+    out[SCANNED_BLOCKS] = jax.tree.map(lambda *xs: _stack(xs), *[params[k] for k in blocks])
+  for key, value in params.items():
+    if key not in blocks:
+      out[key] = scan_layout(value)
+  return out
+
+
+def unscan_layout(params: Any) -> Any:
+  """Scanned -> unrolled params: the inverse of `scan_layout`."""
+  if not isinstance(params, Mapping):
+    return params
+  out = {}
+  for key, value in params.items():
+    if key == SCANNED_BLOCKS:
+      depths = {x.shape[0] for x in jax.tree.leaves(value)}
+      if len(depths) != 1:
+        raise ValueError(f"'{SCANNED_BLOCKS}' leaves disagree on the number of layers: {depths}")
+      for i in range(depths.pop()):
+        out[f'block_{i}'] = jax.tree.map(lambda x, i=i: x[i], value)
+    else:
+      out[key] = unscan_layout(value)
+  return out
+
+
+def is_scanned(params: Any) -> bool | None:
+  """True / False if the tree holds scanned / unrolled blocks; None if it holds no blocks."""
+  found = set()
+
+  def visit(tree):
+    if isinstance(tree, Mapping):
+      if SCANNED_BLOCKS in tree:
+        found.add(True)
+      if _is_unrolled(tree):
+        found.add(False)
+      for value in tree.values():
+        visit(value)
+  visit(params)
+  if len(found) > 1:
+    raise ValueError('params mix scanned and unrolled blocks')
+  return found.pop() if found else None
+
+
+def match_layout(params: Any, like: Any) -> Any:
+  """`params` converted to the scanned/unrolled layout of `like` (unchanged if they agree)."""
+  target, source = is_scanned(like), is_scanned(params)
+  if target is None or source is None or target == source:
+    return params
+  return scan_layout(params) if target else unscan_layout(params)
+
+
+def _stack(xs):
+  if isinstance(xs[0], jax.Array):
+    return jnp.stack(xs)
+  return np.stack([np.asarray(x) for x in xs])

@@ -102,25 +102,30 @@ def _dtype(name: str, key: str) -> Dtype:
 
 
 def build(model_config: Mapping[str, Any], vocab_size: int, *,
-          attention_impl: str | None = None, sow_attention: bool = False,
-          remat: str = 'none') -> MultimodalModel:
+          attention_impl: str | None = None, sow_attention: bool = False) -> MultimodalModel:
   """MultimodalModel from `config.model` (see mmfusion/config.py) and the tokenizer's vocab size.
 
   A non-empty tower `variant` ('B/16', 'S', ...) overrides that tower's explicit sizes.
-  attention_impl: 'xla' | 'cudnn' | 'explicit'; None -> 'explicit' if `sow_attention` (the only
-    implementation that can record attention weights, into 'intermediates') else 'xla'.
-  remat: 'none' | 'full' (recompute each block's activations in the backward pass).
+  Compute options come from the config too: `attention` ('auto' | 'xla' | 'cudnn' |
+  'explicit'), `remat` / `remat_save` (see layers.remat_policy) and `scan_layers`.
+  attention_impl overrides `config.model.attention`; `sow_attention` records attention weights
+  into 'intermediates', which needs (and then defaults to) the 'explicit' implementation.
   Bad values raise ValueError naming the config key, before any compute.
   """
-  if attention_impl is None:
-    attention_impl = 'explicit' if sow_attention else 'xla'
-  if attention_impl not in layers.ATTENTION_IMPLS or remat not in layers.REMAT_POLICIES:
-    raise ValueError(f'attention_impl={attention_impl!r} (one of {layers.ATTENTION_IMPLS}), '
-                     f'remat={remat!r} (one of {layers.REMAT_POLICIES})')
   dtype = _dtype(model_config['dtype'], 'dtype')
   param_dtype = _dtype(model_config['param_dtype'], 'param_dtype')
-  common = dict(embed_dim=model_config['embed_dim'], attention_impl=attention_impl,
-                sow_weights=sow_attention, remat=remat, dtype=dtype, param_dtype=param_dtype)
+  if attention_impl is None:
+    attention_impl = 'explicit' if sow_attention else model_config['attention']
+  if attention_impl != 'auto' and attention_impl not in layers.ATTENTION_IMPLS:
+    raise ValueError(f'config.model.attention={attention_impl!r}; expected auto or one of '
+                     f'{layers.ATTENTION_IMPLS}')
+  try:
+    layers.remat_policy(model_config['remat'], tuple(model_config['remat_save']))
+  except ValueError as e:
+    raise ValueError(f'config.model.{e}') from e
+  common = dict(embed_dim=model_config['embed_dim'], sow_weights=sow_attention,
+                remat=model_config['remat'], remat_save=tuple(model_config['remat_save']),
+                scan_layers=model_config['scan_layers'], dtype=dtype, param_dtype=param_dtype)
 
   def tower(key: str, make):
     cfg = model_config[key]
@@ -134,13 +139,15 @@ def build(model_config: Mapping[str, Any], vocab_size: int, *,
 
   def make_image(cfg, sizes):
     sizes.setdefault('patch_size', cfg['patch_size'])
-    return vit.ViT(pool=cfg['pool'], dropout=cfg['dropout'], **sizes, **common)
+    impl = layers.resolve_attention_impl(attention_impl, dtype, sizes['width'] // sizes['num_heads'])
+    return vit.ViT(pool=cfg['pool'], dropout=cfg['dropout'], attention_impl=impl, **sizes, **common)
 
   def make_text(cfg, sizes):
     if 'patch_size' in sizes:
       raise ValueError(f"variant={cfg['variant']!r}: a text variant takes no '/<patch size>'")
+    impl = layers.resolve_attention_impl(attention_impl, dtype, sizes['width'] // sizes['num_heads'])
     return text_lib.TextEncoder(vocab_size=vocab_size, causal=cfg['causal'], pool=cfg['pool'],
-                                dropout=cfg['dropout'], **sizes, **common)
+                                dropout=cfg['dropout'], attention_impl=impl, **sizes, **common)
 
   head = model_config['head']
   if head['num_classes'] > 0 and head['input'] not in MODALITIES:

@@ -56,6 +56,8 @@ class TextEncoder(nn.Module):
   attention_impl: str = 'xla'
   sow_weights: bool = False
   remat: str = 'none'
+  remat_save: tuple[str, ...] = ()
+  scan_layers: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -99,7 +101,8 @@ class TextEncoder(nn.Module):
     x_blw = layers.Encoder(
         depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
         causal=self.causal, attention_impl=self.attention_impl, sow_weights=self.sow_weights,
-        remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype, name='encoder')(
+        remat=self.remat, remat_save=self.remat_save, scan_layers=self.scan_layers,
+        dtype=self.dtype, param_dtype=self.param_dtype, name='encoder')(
             x_blw, key_mask_bl[:, None, None, :], not train)
 
     if self.pool == 'cls':

@@ -96,6 +96,8 @@ class ViT(nn.Module):
   attention_impl: str = 'xla'
   sow_weights: bool = False
   remat: str = 'none'
+  remat_save: tuple[str, ...] = ()
+  scan_layers: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -139,7 +141,8 @@ class ViT(nn.Module):
     x_bnw = layers.Encoder(
         depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
         attention_impl=self.attention_impl, sow_weights=self.sow_weights, remat=self.remat,
-        dtype=self.dtype, param_dtype=self.param_dtype, name='encoder')(x_bnw, None, not train)
+        remat_save=self.remat_save, scan_layers=self.scan_layers, dtype=self.dtype,
+        param_dtype=self.param_dtype, name='encoder')(x_bnw, None, not train)
 
     if self.pool == 'cls':
       pooled_bw, tokens_bnw = x_bnw[:, 0], x_bnw[:, 1:]

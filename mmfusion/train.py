@@ -29,6 +29,7 @@ from mmfusion import optim
 from mmfusion import sharding
 from mmfusion import writers
 from mmfusion.data import pipeline
+from mmfusion.models import layers
 from mmfusion.models import model as model_lib
 
 
@@ -132,19 +133,16 @@ class Interrupt:
       signal.signal(sig, handler)
 
 
-class Trainer:
-  """Holds what one run needs; `run()` is the loop. Reads top to bottom like the step flow."""
+class TrainProgram:
+  """Everything a training step is, without data or I/O: the model, the optimiser, the state's
+  layout and shardings, and the jitted step. The Trainer runs it; benchmarks time it.
+  """
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    self.workdir = os.path.abspath(os.path.expanduser(workdir))
-    validate(config, jax.device_count())
-    self.config = config = resolve(config)
-    self.mesh = sharding.make_mesh(config.mesh)
+  def __init__(self, config: ml_collections.ConfigDict, vocab_size: int, mesh: jax.sharding.Mesh):
+    self.config, self.mesh = config, mesh
     self.rules = sharding.DEFAULT_RULES
-    self.batch_sharding = sharding.batch_sharding(self.mesh)
-
-    self.tokenizer = pipeline.get_tokenizer(config)
-    self.model = model_lib.build(config.model, vocab_size=self.tokenizer.vocab_size)
+    self.batch_sharding = sharding.batch_sharding(mesh)
+    self.model = model_lib.build(config.model, vocab_size=vocab_size)
     self.tx, self.lr_schedule = optim.make(config.optim, config.total_steps, config.freeze)
 
     self.expected_batch = init_batch(config)
@@ -160,14 +158,6 @@ class Trainer:
         step=P(), params=self.param_specs,
         opt_state=sharding.opt_state_specs(self.abstract_state.opt_state, self.param_specs), rng=P())
     self.state_shardings = sharding.logical_to_shardings(self.state_specs, self.mesh, self.rules)
-
-    self.evaluators = {
-        name: evals.build(name, cfg, model=self.model, config=config, tokenizer=self.tokenizer)
-        for name, cfg in config.evals.items()}
-    self.checkpointer = ckpt_lib.Checkpointer(
-        self.workdir, max_to_keep=config.checkpoint.max_to_keep,
-        async_save=config.checkpoint.async_save)
-    self.writer = writers.MetricWriter(self.workdir)
     self._train_step = jax.jit(
         self._step, in_shardings=(self.state_shardings, self.batch_sharding),
         out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=0)
@@ -187,41 +177,14 @@ class Trainer:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=self.tx.init(params), rng=jax.random.key_data(train_rng))
 
-  def _abstract_with_shardings(self):
+  def abstract_state_with_shardings(self) -> TrainState:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         self.abstract_state, self.state_shardings)
 
-  def create_state(self) -> tuple[TrainState, dict[str, Any]]:
-    """Restores the latest checkpoint of this workdir, else initialises (and init_from)."""
-    latest = self.checkpointer.latest_step()
-    if latest is not None:
-      state, meta = self.checkpointer.restore(latest, self._abstract_with_shardings())
-      expected_seen = int(state.step) * self.config.batch_size
-      if meta.get('data', {}).get('examples_seen') != expected_seen:
-        raise ckpt_lib.CheckpointError(
-            f'{self.checkpointer.directory}/{latest}: the checkpoint saw '
-            f"{meta.get('data', {}).get('examples_seen')} examples in {int(state.step)} steps, "
-            f'which does not fit config.batch_size = {self.config.batch_size}; resume with the '
-            'batch size it was written with.')
-      print(f'[mmfusion] resumed from {self.checkpointer.directory}/{latest} (step {latest}).')
-      return state, meta
+  def init_state(self, seed: int) -> TrainState:
+    """A fresh state, created directly in its shardings (never whole on one device)."""
     init = jax.jit(self._init_state, out_shardings=self.state_shardings)
-    state = init(jax.random.key(self.config.seed))
-    if self.config.init_from.path:
-      state = self._init_from(state)
-    return state, {}
-
-  def _init_from(self, state: TrainState) -> TrainState:
-    cfg = self.config.init_from
-    source = ckpt_lib.find_step_dir(cfg.path) + (f' [{cfg.load}]' if cfg.load else '')
-    loaded = ckpt_lib.load_params(cfg.path, cfg.load)
-    merged = ckpt_lib.merge_params(
-        sharding.to_host(state.params), loaded, into=cfg.into or cfg.load, skip=tuple(cfg.skip),
-        source=f'checkpoint {source}')
-    params = jax.device_put(merged, self.state_shardings.params)
-    opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
-    print(f'[mmfusion] initialised {cfg.into or cfg.load or "all params"} from {source}.')
-    return state.replace(params=params, opt_state=opt_state)
+    return init(jax.random.key(seed))
 
   # -- step -------------------------------------------------------------------------------
 
@@ -239,9 +202,77 @@ class Trainer:
     metrics['lr'] = self.lr_schedule(state.step)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  def train_step(self, state, batch):
+  def train_step(self, state: TrainState, batch: dict[str, jax.Array]):
+    """(state, batch) -> (new state, metrics); `state` is donated: do not use it afterwards."""
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return self._train_step(state, batch)
+
+  def lower_train_step(self, state: TrainState, batch: dict[str, Any]) -> jax.stages.Lowered:
+    """The step lowered for `state` / `batch` (arrays or ShapeDtypeStructs), for compiling
+    ahead of time and for XLA's cost and memory analyses."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self._train_step.lower(state, batch)
+
+
+class Trainer:
+  """Holds what one run needs; `run()` is the loop. Reads top to bottom like the step flow."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.workdir = os.path.abspath(os.path.expanduser(workdir))
+    validate(config, jax.device_count())
+    self.config = config = resolve(config)
+    self.mesh = sharding.make_mesh(config.mesh)
+    self.tokenizer = pipeline.get_tokenizer(config)
+    self.program = program = TrainProgram(config, self.tokenizer.vocab_size, self.mesh)
+    self.model, self.expected_batch = program.model, program.expected_batch
+
+    self.evaluators = {
+        name: evals.build(name, cfg, model=self.model, config=config, tokenizer=self.tokenizer)
+        for name, cfg in config.evals.items()}
+    self.checkpointer = ckpt_lib.Checkpointer(
+        self.workdir, max_to_keep=config.checkpoint.max_to_keep,
+        async_save=config.checkpoint.async_save)
+    self.writer = writers.MetricWriter(self.workdir)
+
+  # -- state ------------------------------------------------------------------------------
+
+  def create_state(self) -> tuple[TrainState, dict[str, Any]]:
+    """Restores the latest checkpoint of this workdir, else initialises (and init_from)."""
+    latest = self.checkpointer.latest_step()
+    if latest is not None:
+      state, meta = self.checkpointer.restore(latest, self.program.abstract_state_with_shardings())
+      expected_seen = int(state.step) * self.config.batch_size
+      if meta.get('data', {}).get('examples_seen') != expected_seen:
+        raise ckpt_lib.CheckpointError(
+            f'{self.checkpointer.directory}/{latest}: the checkpoint saw '
+            f"{meta.get('data', {}).get('examples_seen')} examples in {int(state.step)} steps, "
+            f'which does not fit config.batch_size = {self.config.batch_size}; resume with the '
+            'batch size it was written with.')
+      print(f'[mmfusion] resumed from {self.checkpointer.directory}/{latest} (step {latest}).')
+      return state, meta
+    state = self.program.init_state(self.config.seed)
+    if self.config.init_from.path:
+      state = self._init_from(state)
+    return state, {}
+
+  def _init_from(self, state: TrainState) -> TrainState:
+    cfg = self.config.init_from
+    source = ckpt_lib.find_step_dir(cfg.path) + (f' [{cfg.load}]' if cfg.load else '')
+    current = sharding.to_host(state.params)
+    loaded = ckpt_lib.load_params(cfg.path, cfg.load)
+    if layers.is_scanned(loaded) not in (None, layers.is_scanned(current)):
+      # Checkpoints convert between scanned and unrolled towers (config.model.scan_layers).
+      loaded = layers.match_layout(loaded, current)
+      print(f'[mmfusion] converted {source} to the '
+            f"{'scanned' if layers.is_scanned(current) else 'unrolled'} layer layout.")
+    merged = ckpt_lib.merge_params(
+        current, loaded, into=cfg.into or cfg.load, skip=tuple(cfg.skip),
+        source=f'checkpoint {source}')
+    shardings = self.program.state_shardings
+    params = jax.device_put(merged, shardings.params)
+    opt_state = jax.jit(self.program.tx.init, out_shardings=shardings.opt_state)(params)
+    print(f'[mmfusion] initialised {cfg.into or cfg.load or "all params"} from {source}.')
+    return state.replace(params=params, opt_state=opt_state)
 
   # -- evaluation and saving ----------------------------------------------------------------
 
@@ -284,7 +315,7 @@ class Trainer:
     state, _ = self.create_state()
     start = int(state.step)
     self.steps_per_epoch = pipeline.steps_per_epoch(config)
-    batches = pipeline.train_iterator(config, self.tokenizer, self.batch_sharding, start_step=start)
+    batches = pipeline.train_iterator(config, self.tokenizer, self.program.batch_sharding, start_step=start)
 
     pending: list[dict[str, jax.Array]] = []
     final: dict[str, float] = {}
@@ -299,7 +330,7 @@ class Trainer:
         batch = {k: batch[k] for k in self.expected_batch if k in batch}
         if step == start + 1:
           check_batch(batch, self.expected_batch)
-        state, metrics = self.train_step(state, batch)
+        state, metrics = self.program.train_step(state, batch)
         pending.append(metrics)     # fetched only at log steps: no host sync per step
         bar.update(1)
 

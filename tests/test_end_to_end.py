@@ -104,9 +104,12 @@ def test_sigterm_then_rerun_resumes_exactly(pretrained, tmp_path, data_dir):
 def test_finetune_from_checkpoint_beats_scratch(pretrained, tmp_path, data_dir):
   common = [*RUN, '--config.total_steps=40', '--config.evals.classification.batch_size=128',
             '--config.evals.classification_all.batch_size=128']
+  # The pretrained towers are unrolled; the fine-tuned one scans its layers, so loading
+  # converts the checkpoint's layout on the way in.
   tuned = cli('shapes_finetune_cls.py', tmp_path / 'ft', data_dir, *common,
-              f'--config.init_from.path={pretrained}')
+              f'--config.init_from.path={pretrained}', '--config.model.scan_layers=True')
   assert tuned.returncode == 0, tuned.stdout + tuned.stderr
+  assert 'to the scanned layer layout' in tuned.stdout
   assert 'initialised image from' in tuned.stdout
   scratch = cli('shapes_finetune_cls.py:scratch', tmp_path / 'scratch', data_dir, *common)
   assert scratch.returncode == 0, scratch.stdout + scratch.stderr

@@ -1,6 +1,9 @@
 """The embedded dataset, preprocessing and the input pipeline (train resume, eval padding)."""
 import colorsys
+import itertools
 import re
+import threading
+import time
 
 import jax
 import numpy as np
@@ -346,7 +349,7 @@ def test_train_split_slicing(config):
     pipeline.steps_per_epoch(config)
 
 
-def test_device_prefetch_keeps_items_ahead():
+def test_device_prefetch_keeps_items_ahead_on_a_thread():
   pulled = []
 
   def source():
@@ -355,9 +358,30 @@ def test_device_prefetch_keeps_items_ahead():
       yield i
 
   it = pipeline._prefetch(source(), 2)
-  assert next(it) == 0 and pulled == [0, 1, 2]   # two more already transferred
+  assert next(it) == 0
+  deadline = time.time() + 10
+  while len(pulled) < 4 and time.time() < deadline:   # 1 consumed + 2 queued + 1 waiting
+    time.sleep(0.01)
+  assert pulled == [0, 1, 2, 3]    # produced ahead, without the consumer asking
   assert list(it) == [1, 2, 3, 4]
   assert list(pipeline._prefetch(iter(range(3)), 0)) == [0, 1, 2]
+
+
+def test_device_prefetch_reraises_producer_errors_in_order_and_stops_when_closed():
+  def failing():
+    yield 0
+    yield 1
+    raise OSError('corrupt record 7')
+
+  it = pipeline._prefetch(failing(), 4)
+  assert [next(it), next(it)] == [0, 1]
+  with pytest.raises(OSError, match='corrupt record 7'):
+    next(it)
+
+  endless = pipeline._prefetch(itertools.count(), 2)
+  assert next(endless) == 0
+  endless.close()     # the producer thread is told to stop and joined
+  assert not any(t.name == 'mmfusion-prefetch' and t.is_alive() for t in threading.enumerate())
 
 
 def test_batch_sharding_with_several_mesh_axes(config, tok, fresh):

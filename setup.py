@@ -25,5 +25,7 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],
+        # Only the open_clip peer of benchmarks/train_step.py; nothing else imports them.
+        "bench": ["torch", "open_clip_torch"],
     },
 )

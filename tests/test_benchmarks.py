@@ -1,0 +1,228 @@
+"""The benchmark harness's accounting against hand computations, its CLI end to end on a tiny
+shape, and the RESULTS.md table. Nothing here is timed: benchmarks never assert speed."""
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import flops
+from benchmarks import mmfusion_step
+from benchmarks import record
+from benchmarks import timing
+from configs import benchmark
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_read_flops_of_a_matmul_is_2mnk():
+  m, n, k = 96, 40, 72
+  lowered = jax.jit(jnp.matmul).lower(jax.ShapeDtypeStruct((m, k), jnp.float32),
+                                      jax.ShapeDtypeStruct((k, n), jnp.float32))
+  assert flops.read_flops(lowered) == 2 * m * n * k
+  assert flops.read_flops(lowered.compile()) == 2 * m * n * k
+
+
+def _analytic_train_flops(config):
+  """Matmul FLOPs of one CLIP training step by hand: forward x 3 (the backward pass is two
+  matmuls per forward one). Per token and layer: q, k, v, out projections (4 W^2 MACs), the
+  MLP (2 W M), and attention scores + weighted sum (2 N W MACs; XLA computes the full N x N
+  under a causal mask too); plus the patch embedding, both projections and the B x B logits."""
+  batch, embed = config.batch_size, config.model.embed_dim
+  size, patch = config.data.image_size, config.model.image.patch_size
+  patches = (size // patch) ** 2
+
+  def encoder(tokens, tower):
+    w, m = tower.width, tower.mlp_dim
+    return tokens * tower.depth * (2 * (4 * w * w + 2 * w * m) + 2 * 2 * tokens * w)
+
+  image_w, text_w = config.model.image.width, config.model.text.width
+  image = (encoder(patches + 1, config.model.image)          # + cls token
+           + patches * 2 * (patch * patch * 3) * image_w + 2 * image_w * embed)
+  text = encoder(config.tokenizer.max_len, config.model.text) + 2 * text_w * embed
+  return 3 * (batch * (image + text) + 2 * batch * batch * embed)
+
+
+@pytest.mark.parametrize('arg', ['tiny,depth=2,batch=16', 'tiny,depth=2,batch=16,scan,remat=full'])
+def test_model_flops_match_a_hand_count(arg):
+  config = benchmark.get_config(arg)
+  config.data.image_size = 32
+  config.tokenizer.max_len = 16
+  step_flops, source = mmfusion_step.model_flops(config)
+  # The rest (layer norms, softmax, GELU, AdamW) is a few per cent at this size.
+  assert step_flops == pytest.approx(_analytic_train_flops(config), rel=0.05)
+  if 'scan' in arg:   # XLA counts a scanned body once: the figure must come from the unrolled step
+    assert 'scan_layers=False' in source and 'remat=none' in source
+
+
+def test_time_steps_syncs_every_call_and_times_only_the_timed_ones():
+  calls, synced = [], []
+  seconds = timing.time_steps(lambda: calls.append(1) or len(calls), warmup=2, steps=3,
+                              sync=synced.append)
+  assert len(seconds) == 3 and len(calls) == 5 and synced == [1, 2, 3, 4, 5]
+  assert all(s >= 0 for s in seconds)
+  with pytest.raises(ValueError, match='steps >= 1'):
+    timing.time_steps(lambda: None, warmup=0, steps=0, sync=lambda _: None)
+
+
+def test_datasheet_peaks_by_device_kind():
+  assert flops.datasheet_peak('NVIDIA H100 80GB HBM3', 'bfloat16') == 989.4e12
+  assert flops.datasheet_peak('NVIDIA H100 80GB HBM3', 'tfloat32') == 494.7e12
+  assert flops.datasheet_peak('NVIDIA H100 PCIe', 'bfloat16') == 756e12
+  assert flops.datasheet_peak('NVIDIA H200', 'bfloat16') == 989.4e12
+  assert flops.datasheet_peak('NVIDIA A100-SXM4-80GB', 'float32') == 19.5e12
+  assert flops.datasheet_peak('TPU v5 lite', 'bfloat16') == 197e12
+  assert flops.datasheet_peak('TPU v5', 'bfloat16') == 459e12
+  assert flops.datasheet_peak('TPU v6 lite', 'bfloat16') == 918e12
+  assert flops.datasheet_peak('cpu', 'float32') is None
+  assert flops.matmul_arithmetic('float32', 'gpu') == 'tfloat32'
+  assert flops.matmul_arithmetic('bfloat16', 'gpu') == 'bfloat16'
+
+
+def test_cli_end_to_end_writes_a_consistent_record(tmp_path):
+  json_out, results_md = tmp_path / 'run.json', tmp_path / 'RESULTS.md'
+  cmd = [sys.executable, '-m', 'benchmarks.train_step',
+         '--config', 'configs/benchmark.py:tiny,depth=1,batch=8',
+         '--config.data.image_size=16', '--config.tokenizer.max_len=8',
+         '--steps', '2', '--warmup', '1', '--peer', 'none', '--matmul_size', '128',
+         '--no_record', f'--results_md={results_md}', f'--json_out={json_out}']
+  # Unoptimised XLA code compiles in half the time; this test checks accounting, not speed.
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES='', TF_CPP_MIN_LOG_LEVEL='2',
+             XLA_FLAGS='--xla_backend_optimization_level=0')
+  run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert 'mmfusion :' in run.stdout and 'examples/s' in run.stdout
+  assert not results_md.exists()      # --no_record
+
+  rec = json.loads(json_out.read_text())
+  assert rec['batch_size'] == 8 and len(rec['step_seconds']) == 2
+  assert rec['overrides'] == {'data.image_size': 16, 'tokenizer.max_len': 8}
+  assert rec['median_step_s'] == pytest.approx(timing.median(rec['step_seconds']))
+  assert rec['examples_per_sec'] == pytest.approx(8 / rec['median_step_s'])
+  assert rec['achieved_flops_per_sec'] == pytest.approx(rec['flops_per_step'] / rec['median_step_s'])
+  assert rec['mfu_vs_matmul'] == pytest.approx(
+      rec['achieved_flops_per_sec'] / rec['matmul_peak_flops_per_sec'])
+  assert rec['matmul'] == {'dtype': 'float32', 'size': 128,
+                           'per_device_flops_per_sec': rec['matmul_peak_flops_per_sec']}
+  assert rec['mfu_vs_datasheet'] is None and rec['datasheet_peak_flops_per_sec'] is None  # CPU
+  assert rec['device']['platform'] == 'cpu' and rec['peer'] is None
+  memory = rec['memory']['xla']
+  assert memory['total'] == memory['argument'] + memory['output'] + memory['temp'] - memory['alias']
+  assert rec['memory']['host_max_rss_bytes'] > 0
+  assert len(record.table_row(rec)) == len(record.TRAIN_STEP_COLUMNS)
+
+
+def _record(ratio):
+  return {'date': '2026-01-02T03:04:05+00:00', 'device_summary': 'cpu x1, 2 CPU cores',
+          'commit': 'abc1234', 'config_label': 'configs/benchmark.py:tiny', 'batch_size': 128,
+          'median_step_s': 2.0, 'examples_per_sec': 64.0, 'lower_s': 1.0, 'compile_s': 2.5,
+          'flops_per_step': 3.69e11, 'flops_source': 'XLA cost analysis of this config',
+          'achieved_flops_per_sec': 1.845e11, 'mfu_vs_matmul': 0.5, 'mfu_vs_datasheet': None,
+          'memory': {'device_peak_bytes': None, 'host_max_rss_bytes': 2**31,
+                     'xla': {'total': 2**30}},
+          'peer': {'examples_per_sec': 32.0}, 'ratio_vs_peer': ratio}
+
+
+def test_train_step_rows_go_under_one_header(tmp_path):
+  path = tmp_path / 'RESULTS.md'
+  record.append_train_step(_record(2.0), str(path))
+  record.append_train_step(_record(3.0), str(path))
+  lines = path.read_text().splitlines()
+  header = [i for i, l in enumerate(lines) if l.startswith('| Date (UTC)')]
+  assert len(header) == 1 and lines.count('## Train step') == 1
+  rows = lines[header[0] + 2:]
+  assert len(rows) == 2 and rows[1].endswith('| 3.00 |')
+  assert rows[0] == (
+      '| 2026-01-02 03:04 | cpu x1, 2 CPU cores | abc1234 | `configs/benchmark.py:tiny` | 128 | '
+      '2000.0 | 64.0 | 3.5 | 0.369 (as run) | 0.1845 | 50.0% | n/a | 2.00 GiB host RSS; '
+      'XLA 1.00 GiB | 32.0 | 2.00 |')
+
+
+def test_a_new_results_file_starts_with_a_preamble_naming_every_section(tmp_path):
+  path = tmp_path / 'RESULTS.md'
+  record.append_row(str(path), 'Compile time', ('A',), ['x'])
+  text = path.read_text()
+  assert text.startswith('# Benchmark results\n\n')
+  assert text.endswith('\n\n## Compile time\n\n| A |\n| --- |\n| x |\n')
+  assert text.count('\n## ') == 1          # the preamble itself opens no section
+  sections = {record.TRAIN_STEP_SECTION: 'train_step', record.COMPILE_TIME_SECTION: 'compile_time',
+              record.PIPELINE_SECTION: 'pipeline'}
+  assert set(sections) == {'Train step', 'Compile time', 'Input pipeline'}
+  for section, module in sections.items():
+    assert f'\n- {section}: `python -m benchmarks.{module} --config CONFIG' in text
+
+
+OTHER = """# Benchmark results
+
+## Train step
+
+Some words about the train step.
+
+| Date | Examples/s |
+| --- | --- |
+| 2026-01-01 | 123 |
+
+## Notes
+
+Free text that must survive.
+"""
+
+
+def test_results_row_goes_under_its_own_section(tmp_path):
+  path = str(tmp_path / 'RESULTS.md')
+  with open(path, 'w') as f:
+    f.write(OTHER)
+  columns = ('Date', 'Batch')
+  record.append_row(path, 'Input pipeline', columns, ['d1', 32], intro='Intro,\ntwo lines.')
+  record.append_row(path, 'Input pipeline', columns, ['d2', 64])
+  text = open(path).read()
+  assert text.startswith(OTHER.rstrip('\n'))   # the other sections, byte for byte
+  assert text[len(OTHER.rstrip('\n')):] == (
+      '\n\n## Input pipeline\n\nIntro,\ntwo lines.\n\n| Date | Batch |\n| --- | --- |\n'
+      '| d1 | 32 |\n| d2 | 64 |\n')
+  # A row for an existing section in the middle of the file lands at the end of its table.
+  record.append_row(path, 'Train step', ('Date', 'Examples/s'), ['d3', 456])
+  lines = open(path).read().splitlines()
+  assert lines[lines.index('| 2026-01-01 | 123 |') + 1] == '| d3 | 456 |'
+  assert lines[lines.index('| d3 | 456 |') + 1:][:3] == ['', '## Notes', '']
+  with pytest.raises(ValueError, match='has the header'):
+    record.append_row(path, 'Train step', ('Date', 'Other'), ['d4', 1])
+  assert os.listdir(tmp_path) == ['RESULTS.md']   # no temporary file left behind
+
+
+def test_open_clip_peer_imports_torch_lazily(monkeypatch):
+  monkeypatch.setitem(sys.modules, 'torch', None)       # as if not installed
+  monkeypatch.setitem(sys.modules, 'open_clip', None)
+  monkeypatch.delitem(sys.modules, 'benchmarks.peers.open_clip_step', raising=False)
+  peer = importlib.import_module('benchmarks.peers.open_clip_step')
+  with pytest.raises(ImportError, match=r"pip install -e '\.\[bench\]'"):
+    peer.check_installed()
+
+
+def test_open_clip_worker_imports_neither_jax_nor_tensorflow():
+  # torch's triton and jaxlib both register LLVM options; one process with both aborts.
+  code = ('import sys, benchmarks.peers.open_clip_worker; '
+          "print(sorted({'jax', 'jaxlib', 'tensorflow', 'mmfusion'} & set(sys.modules)))")
+  run = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+  assert run.returncode == 0, run.stderr
+  assert run.stdout.strip() == '[]'
+
+
+def test_open_clip_spec_has_the_config_architecture():
+  from benchmarks.peers import open_clip_step
+  config = benchmark.get_config('b16')
+  spec = open_clip_step.spec(config, warmup=1, steps=2)
+  assert spec['vision_cfg'] == dict(image_size=224, patch_size=16, width=768, layers=12,
+                                    head_width=64, mlp_ratio=4.0, pool_type='tok')
+  assert spec['text_cfg'] == dict(context_length=77, vocab_size=49408, width=512, heads=8,
+                                  layers=12, mlp_ratio=4.0, no_causal_mask=False, pad_id=0,
+                                  eos_id=3, pool_type='eos')
+  assert spec['embed_dim'] == 512 and spec['precision'] == 'amp_bf16'
+  config.model.image.pool = 'map'
+  with pytest.raises(ValueError, match='config.model.image.pool'):
+    open_clip_step.spec(config)

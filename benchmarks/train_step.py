@@ -15,9 +15,8 @@ then mmfusion's step is compiled and timed, then a square matmul for the measure
 """
 from __future__ import annotations
 
+import functools
 import os
-import re
-import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -25,6 +24,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from benchmarks import record as record_lib  # noqa: E402
+from mmfusion import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Benchmark config, e.g. configs/benchmark.py:tiny (any experiment config works).',
@@ -180,20 +180,5 @@ def main(argv):
     print(f'[benchmark] row appended to {_RESULTS_MD.value}')
 
 
-def _parse_flags(argv):
-  """Flag and config errors as one line naming the culprit, as `python -m mmfusion.main` does."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f'benchmarks.train_step: {e}')
-  except (AttributeError, KeyError) as e:
-    # ml_collections reports an unknown --config.key as a bare AttributeError/KeyError.
-    culprits = [a for a in argv if a.startswith('--config.')]
-    key = re.match(r'\W*(\w+)', str(e))
-    sys.exit(f'benchmarks.train_step: unknown config key {key.group(1) if key else str(e)!r} in '
-             f'{culprits or "the --config.* overrides"}; every settable key is defined in '
-             'mmfusion/config.py.')
-
-
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=functools.partial(cli.parse_flags, program='benchmarks.train_step'))

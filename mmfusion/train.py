@@ -336,7 +336,8 @@ class Trainer:
 
         if step % config.log_every == 0 or step == config.total_steps:
           logged = self._log(step, pending, time.perf_counter() - t_log, wait_s, len(pending))
-          bar.set_postfix(loss=f"{logged['loss']:.4f}", ex_s=f"{logged['examples_per_sec']:.0f}")
+          bar.set_postfix(loss=f"{logged['loss']:.4f}", ex_s=f"{logged['examples_per_sec']:.0f}",
+                          data_wait=f"{logged['data_wait_fraction']:.1%}")
           pending, wait_s, t_log = [], 0.0, time.perf_counter()
         if config.checkpoint.every and step % config.checkpoint.every == 0:
           self.save(state, step)

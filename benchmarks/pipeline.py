@@ -136,14 +136,6 @@ def _define_flags() -> Any:
 
 
 if __name__ == '__main__':
-  from absl import app
+  from mmfusion import cli
   FLAGS = _define_flags()
-
-  def _main(argv: list[str]) -> None:
-    if len(argv) > 1:
-      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    from absl import logging
-    logging.set_verbosity(logging.WARNING)   # TFDS logs every file it touches at INFO
-    main(FLAGS)
-
-  app.run(_main)
+  cli.run(lambda: main(FLAGS), program='benchmarks.pipeline')

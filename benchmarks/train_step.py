@@ -15,12 +15,11 @@ then mmfusion's step is compiled and timed, then a square matmul for the measure
 """
 from __future__ import annotations
 
-import functools
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from benchmarks import record as record_lib  # noqa: E402
@@ -128,11 +127,7 @@ def summary(rec: dict) -> str:
   return '\n'.join(lines)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from absl import logging
-  logging.set_verbosity(logging.WARNING)
+def main():
   # Heavy imports after flag parsing, so --help and flag errors are instant.
   import jax
   from benchmarks import environment, flops, mmfusion_step, synthetic, timing
@@ -181,4 +176,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=functools.partial(cli.parse_flags, program='benchmarks.train_step'))
+  cli.run(main, program='benchmarks.train_step')

@@ -4,13 +4,12 @@ Flags -> locked config -> `train.run(config, workdir)`. Re-running on a workdir 
 """
 from __future__ import annotations
 
-import functools
 import os
 
 # TensorFlow only feeds data; keep its start-up chatter out of the user's terminal.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mmfusion import cli  # noqa: E402
@@ -21,15 +20,11 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and met
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from absl import logging
-  logging.set_verbosity(logging.WARNING)   # TFDS logs every file it touches at INFO
+def main():
   from mmfusion import train  # heavy imports after flag parsing, so --help is instant
   final = train.run(_CONFIG.value, _WORKDIR.value)
   print('[mmfusion] final: ' + ', '.join(f'{k}={v:.4f}' for k, v in sorted(final.items())))
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=functools.partial(cli.parse_flags, program='mmfusion'))
+  cli.run(main, program='mmfusion')

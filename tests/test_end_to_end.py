@@ -124,6 +124,19 @@ def test_unknown_config_key_fails_at_the_command_line(tmp_path, data_dir):
   assert "unknown config key 'lrr' in ['--config.optim.lrr=1'] (did you mean 'lr'?)" in run.stderr
 
 
+@pytest.mark.parametrize('config, message', [
+    ('nope.py', "No such file or directory: 'configs/nope.py'"),
+    ('shapes_clip.py:bogus', "config argument 'bogus' is unknown"),
+])
+def test_bad_config_file_or_argument_is_one_line(tmp_path, data_dir, config, message):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+  run = subprocess.run([sys.executable, '-m', 'mmfusion.main', f'--config=configs/{config}',
+                        f'--workdir={tmp_path}'], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+  assert run.returncode != 0
+  assert message in run.stderr and 'Traceback' not in run.stderr, run.stderr
+
+
 @pytest.mark.parametrize('override, message', [
     ({'mesh.data': 3}, 'config.mesh'),
     ({'batch_size': 0}, 'config.batch_size = 0: must be > 0'),

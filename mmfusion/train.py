@@ -260,11 +260,12 @@ class Trainer:
     source = ckpt_lib.find_step_dir(cfg.path) + (f' [{cfg.load}]' if cfg.load else '')
     current = sharding.to_host(state.params)
     loaded = ckpt_lib.load_params(cfg.path, cfg.load)
-    if layers.is_scanned(loaded) not in (None, layers.is_scanned(current)):
+    scanned = layers.is_scanned(current)
+    if layers.is_scanned(loaded) not in (None, scanned):
       # Checkpoints convert between scanned and unrolled towers (config.model.scan_layers).
       loaded = layers.match_layout(loaded, current)
-      print(f'[mmfusion] converted {source} to the '
-            f"{'scanned' if layers.is_scanned(current) else 'unrolled'} layer layout.")
+      print(f"[mmfusion] converted {source} to the {'scanned' if scanned else 'unrolled'} "
+            'layer layout.')
     merged = ckpt_lib.merge_params(
         current, loaded, into=cfg.into or cfg.load, skip=tuple(cfg.skip),
         source=f'checkpoint {source}')

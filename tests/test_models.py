@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmfusion import checkpoint as ckpt
 from mmfusion import config as config_lib
 from mmfusion.models import layers
 from mmfusion.models import model as model_lib
@@ -496,7 +497,6 @@ def test_layout_conversion_stacks_blocks_and_round_trips():
 
 def test_checkpoint_converts_between_layouts(tmp_path):
   """An unrolled run's checkpoint, restored and converted, drives the scanned model (and back)."""
-  from mmfusion import checkpoint as ckpt
   unrolled = model_lib.build(tiny_model_config(**{'image.depth': 2}), VOCAB)
   scanned = model_lib.build(tiny_model_config(scan_layers=True, **{'image.depth': 2}), VOCAB)
   batch = make_batch()

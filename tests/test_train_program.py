@@ -7,6 +7,7 @@ import pytest
 from configs import benchmark
 from mmfusion import sharding
 from mmfusion import train
+from mmfusion.models import layers
 
 
 def small_config(arg=''):
@@ -61,7 +62,6 @@ def test_speed_features_give_the_same_training_trajectory(arg):
     if config.model.scan_layers:   # start from the unrolled model's exact params
       reference = train.TrainProgram(small_config(), config.tokenizer.vocab_size, program.mesh)
       unrolled = reference.init_state(0)
-      from mmfusion.models import layers
       stacked = jax.device_put(layers.scan_layout(jax.device_get(unrolled.params)),
                                program.state_shardings.params)
       state = state.replace(params=stacked, opt_state=program.tx.init(stacked))

@@ -136,7 +136,7 @@ def numpy_attention(params, x_q, x_kv, mask, causal=False):
   """Independent float64 reference: project, softmax over allowed keys, zero for no key."""
   p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
   project = lambda x, n: np.einsum('bld,dhk->blhk', np.asarray(x, np.float64),
-                                   p[n]['kernel']) + p[n]['bias']
+                                   p[n]['kernel']) + p[n].get('bias', 0.0)   # no key bias
   q, k, v = project(x_q, 'query'), project(x_kv, 'key'), project(x_kv, 'value')
   logits = np.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
   allowed = np.broadcast_to(np.asarray(mask), logits.shape).copy()

@@ -99,6 +99,7 @@ class HeadsDense(nn.Module):
   kernel_shape: tuple[int, ...]
   kernel_axes: tuple[str | None, ...]
   in_dims: int
+  use_bias: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -108,10 +109,15 @@ class HeadsDense(nn.Module):
         in_axis=tuple(range(self.in_dims)), out_axis=tuple(range(self.in_dims, ndim)))
     self.kernel = self.param('kernel', named_init(kernel_init, self.kernel_axes),
                              self.kernel_shape, self.param_dtype)
-    self.bias = self.param('bias', named_init(nn.initializers.zeros, self.kernel_axes[self.in_dims:]),
-                           self.kernel_shape[self.in_dims:], self.param_dtype)
+    out_shape = self.kernel_shape[self.in_dims:]
+    if self.use_bias:
+      self.bias = self.param('bias', named_init(nn.initializers.zeros, self.kernel_axes[self.in_dims:]),
+                             out_shape, self.param_dtype)
+    else:
+      self.bias = jnp.zeros(out_shape, self.param_dtype)
 
   def weights(self) -> tuple[Array, Array]:
+    """(kernel, bias); the bias is zeros when the layer has none."""
     return self.kernel, self.bias
 
   def __call__(self, x: Array) -> Array:
@@ -174,15 +180,18 @@ class MultiHeadAttention(nn.Module):
         kernel_axes=('embed', 'heads', 'kv'), in_dims=1,
         dtype=self.dtype, param_dtype=self.param_dtype)
     bqhd = ('batch', 'length', 'heads', 'kv')
+    # No key bias: it adds q.b_k to every logit of a query alike, which softmax ignores, so
+    # its gradient is zero up to round-off (and Adam would turn that round-off into updates).
+    projections = [project_in(name='query'), project_in(name='key', use_bias=False),
+                   project_in(name='value')]
     if x_kv is x_q:
       # Self-attention: one matmul with the three kernels side by side feeds the matrix units
       # better than three thin ones; the params stay three separate names.
-      q_bqhd, k_bkhd, v_bkhd = _fused_projection(
-          [project_in(name=n) for n in ('query', 'key', 'value')], x_q)
+      q_bqhd, k_bkhd, v_bkhd = _fused_projection(projections, x_q)
     else:
-      q_bqhd = project_in(name='query')(x_q)
-      k_bkhd = project_in(name='key')(x_kv)
-      v_bkhd = project_in(name='value')(x_kv)
+      q_bqhd = projections[0](x_q)
+      k_bkhd = projections[1](x_kv)
+      v_bkhd = projections[2](x_kv)
     q_bqhd = checkpoint_name(constrain(q_bqhd, bqhd), 'qkv')
     k_bkhd = checkpoint_name(constrain(k_bkhd, bqhd), 'qkv')
     v_bkhd = checkpoint_name(constrain(v_bkhd, bqhd), 'qkv')

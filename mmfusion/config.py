@@ -84,7 +84,22 @@ def base() -> ConfigDict:
       skip=(),                            # new param sub-trees left at their init, e.g. ('head',)
   ))
   c.freeze = ()                           # top-level param sub-trees not trained, e.g. ('image',)
+  # The device mesh: axis sizes within a granule (a TPU slice, or one process/host on GPU and
+  # CPU), and across granules (mesh_dcn: multi-slice TPU, multi-node GPU); each axis's size is
+  # the product of both, and one -1 per dict takes what is left. See mmfusion/sharding.py.
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.mesh_dcn = ConfigDict(dict(data=1, fsdp=1, tensor=1))
+  c.sharding = ConfigDict(dict(
+      # Logical axis -> mesh axes: 'data_parallel' | 'fsdp' | 'fsdp_tensor'. Axes of size 1
+      # shard nothing, so the default is plain data parallelism on the default mesh.
+      preset='fsdp_tensor',
+      rules=(),                           # overrides: ((logical axis, mesh axes | None), ...)
+      # With fsdp > 1 the run refuses to start when parameters of at least min_bytes holding
+      # more than this fraction of the parameter bytes are not split over 'fsdp'.
+      max_replicated_fraction=0.05,
+      min_bytes=4096,
+      allow_replicated=False,
+  ))
   return c
 
 

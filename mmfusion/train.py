@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import time
@@ -20,6 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
+from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from mmfusion import checkpoint as ckpt_lib
@@ -52,7 +54,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+def validate(config: ml_collections.ConfigDict, num_devices: int, num_granules: int = 1) -> None:
   """Impossible values fail here, before data or compute, naming the key."""
   def need(ok: bool, msg: str):
     if not ok:
@@ -68,11 +70,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   need(config.log_every > 0, f'config.log_every = {config.log_every}: must be > 0.')
   need(config.checkpoint.every >= 0, 'config.checkpoint.every must be >= 0 (0: only at the end).')
   need(config.optim.lr > 0, f'config.optim.lr = {config.optim.lr}: must be > 0.')
-  shape = sharding.mesh_shape(config.mesh, num_devices)
-  dp = shape[0] * shape[1]
+  shape = sharding.mesh_shape(config.mesh, num_devices, config.mesh_dcn, num_granules)
+  rules = sharding.rules_from_config(config.sharding)
+  batch_axes = sharding.logical_axes_of(('batch',), rules)
+  dp = math.prod(dict(zip(sharding.MESH_AXES, shape))[a] for a in batch_axes)
   need(config.batch_size % dp == 0,
        f'config.batch_size = {config.batch_size} must be divisible by the data-parallel size '
-       f'{dp} (mesh data x fsdp = {shape[0]} x {shape[1]}).')
+       f'{dp} (the batch is split over mesh axes {batch_axes} of sizes '
+       f'{dict(zip(sharding.MESH_AXES, shape))}).')
   for name, cfg in config.evals.items():
     need(int(cfg.get('every', 0)) >= 0, f'config.evals.{name}.every must be >= 0.')
   if config.init_from.path:
@@ -107,6 +112,12 @@ def check_batch(batch: dict[str, Any], expected: dict[str, jax.ShapeDtypeStruct]
           'config.tokenizer.max_len).')
 
 
+def log(message: str) -> None:
+  """Prints on process 0 only, so N processes do not print N copies."""
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(f'[mmfusion] {message}')
+
+
 class Interrupt:
   """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and exits.
 
@@ -125,8 +136,10 @@ class Interrupt:
     if self.signum is not None:
       raise KeyboardInterrupt
     self.signum = signum
-    print(f'\n[mmfusion] {signal.Signals(signum).name} received: saving a checkpoint at the next '
-          'step boundary, then stopping (signal again to stop at once).', flush=True)
+    when = ('the next step boundary' if jax.process_count() == 1 else
+            'the next log step (where all processes agree to stop)')
+    print(f'\n[mmfusion] {signal.Signals(signum).name} received: saving a checkpoint at {when}, '
+          'then stopping (signal again to stop at once).', flush=True)
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -140,8 +153,8 @@ class TrainProgram:
 
   def __init__(self, config: ml_collections.ConfigDict, vocab_size: int, mesh: jax.sharding.Mesh):
     self.config, self.mesh = config, mesh
-    self.rules = sharding.DEFAULT_RULES
-    self.batch_sharding = sharding.batch_sharding(mesh)
+    self.rules = sharding.rules_from_config(config.sharding)
+    self.batch_sharding = sharding.batch_sharding(mesh, self.rules)
     self.model = model_lib.build(config.model, vocab_size=vocab_size)
     self.tx, self.lr_schedule = optim.make(config.optim, config.total_steps, config.freeze)
 
@@ -157,7 +170,9 @@ class TrainProgram:
     self.state_specs = TrainState(
         step=P(), params=self.param_specs,
         opt_state=sharding.opt_state_specs(self.abstract_state.opt_state, self.param_specs), rng=P())
-    self.state_shardings = sharding.logical_to_shardings(self.state_specs, self.mesh, self.rules)
+    self.state_shardings = sharding.fit_shardings(
+        self.abstract_state,
+        sharding.logical_to_shardings(self.state_specs, self.mesh, self.rules))
     self._train_step = jax.jit(
         self._step, in_shardings=(self.state_shardings, self.batch_sharding),
         out_shardings=(self.state_shardings, sharding.replicated(self.mesh)), donate_argnums=0)
@@ -219,20 +234,41 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
-    validate(config, jax.device_count())
+    validate(config, jax.device_count(), sharding.granules()[0])
     self.config = config = resolve(config)
-    self.mesh = sharding.make_mesh(config.mesh)
+    self.mesh = sharding.make_mesh(config.mesh, dcn_config=config.mesh_dcn)
     self.tokenizer = pipeline.get_tokenizer(config)
     self.program = program = TrainProgram(config, self.tokenizer.vocab_size, self.mesh)
     self.model, self.expected_batch = program.model, program.expected_batch
+    self._report_layout()
 
     self.evaluators = {
-        name: evals.build(name, cfg, model=self.model, config=config, tokenizer=self.tokenizer)
+        name: evals.build(name, cfg, model=self.model, config=config, tokenizer=self.tokenizer,
+                          mesh=self.mesh, rules=program.rules)
         for name, cfg in config.evals.items()}
     self.checkpointer = ckpt_lib.Checkpointer(
         self.workdir, max_to_keep=config.checkpoint.max_to_keep,
         async_save=config.checkpoint.async_save)
     self.writer = writers.MetricWriter(self.workdir)
+
+  def _report_layout(self) -> None:
+    """Prints the mesh and the bytes each device holds; refuses an FSDP run that leaves too
+    much of the model replicated (config.sharding.max_replicated_fraction)."""
+    cfg = self.config.sharding
+    mem = sharding.state_memory(self.program.abstract_state, self.program.state_shardings,
+                                min_bytes=cfg.min_bytes)
+    mib = lambda n: f'{n / 2**20:.1f} MiB'
+    log(f'mesh {dict(self.mesh.shape)} over {jax.device_count()} devices in '
+        f'{jax.process_count()} process(es); rules {cfg.preset!r}'
+        + (f' + {list(cfg.rules)}' if cfg.rules else '') + '.')
+    log(f"{mem['num_params'] / 1e6:.2f} M params: {mib(mem['param_bytes'])} in total, "
+        f"{mib(mem['param_bytes_per_device'])} per device; optimizer state "
+        f"{mib(mem['opt_bytes'])}, {mib(mem['opt_bytes_per_device'])} per device.")
+    message = sharding.replication_error(mem, self.mesh, cfg.max_replicated_fraction)
+    if message and not cfg.allow_replicated:
+      raise ValueError(message)
+    if message:
+      log('warning: ' + message)
 
   # -- state ------------------------------------------------------------------------------
 
@@ -248,7 +284,7 @@ class Trainer:
             f"{meta.get('data', {}).get('examples_seen')} examples in {int(state.step)} steps, "
             f'which does not fit config.batch_size = {self.config.batch_size}; resume with the '
             'batch size it was written with.')
-      print(f'[mmfusion] resumed from {self.checkpointer.directory}/{latest} (step {latest}).')
+      log(f'resumed from {self.checkpointer.directory}/{latest} (step {latest}).')
       return state, meta
     state = self.program.init_state(self.config.seed)
     if self.config.init_from.path:
@@ -264,15 +300,14 @@ class Trainer:
     if layers.is_scanned(loaded) not in (None, scanned):
       # Checkpoints convert between scanned and unrolled towers (config.model.scan_layers).
       loaded = layers.match_layout(loaded, current)
-      print(f"[mmfusion] converted {source} to the {'scanned' if scanned else 'unrolled'} "
-            'layer layout.')
+      log(f"converted {source} to the {'scanned' if scanned else 'unrolled'} layer layout.")
     merged = ckpt_lib.merge_params(
         current, loaded, into=cfg.into or cfg.load, skip=tuple(cfg.skip),
         source=f'checkpoint {source}')
     shardings = self.program.state_shardings
-    params = jax.device_put(merged, shardings.params)
+    params = sharding.put_global(merged, shardings.params)
     opt_state = jax.jit(self.program.tx.init, out_shardings=shardings.opt_state)(params)
-    print(f'[mmfusion] initialised {cfg.into or cfg.load or "all params"} from {source}.')
+    log(f'initialised {cfg.into or cfg.load or "all params"} from {source}.')
     return state.replace(params=params, opt_state=opt_state)
 
   # -- evaluation and saving ----------------------------------------------------------------
@@ -290,7 +325,7 @@ class Trainer:
     if results:
       self.writer.write(step, results)
       shown = ', '.join(f'{k}={v:.4f}' for k, v in results.items() if not k.endswith('/seconds'))
-      tqdm.tqdm.write(f'[mmfusion] step {step} eval: {shown}')
+      log(f'step {step} eval: {shown}')
     return results
 
   def save(self, state: TrainState, step: int) -> None:
@@ -344,14 +379,15 @@ class Trainer:
           self.save(state, step)
         if step < config.total_steps:
           final.update(self.evaluate(state, step))
-        if interrupt.signum is not None:
+        at_log_step = step % config.log_every == 0
+        if (signum := self._agreed_signal(interrupt, at_log_step)) is not None:
           self.save(state, step)
           self.checkpointer.wait()
           bar.close()
           self.writer.close()
-          print(f'[mmfusion] stopped at step {step}; checkpoint saved in '
-                f'{self.checkpointer.directory}. Re-run the same command to resume.')
-          raise SystemExit(128 + interrupt.signum)
+          log(f'stopped at step {step}; checkpoint saved in {self.checkpointer.directory}. '
+              'Re-run the same command to resume.')
+          raise SystemExit(128 + signum)
     bar.close()
     final = self.evaluate(state, config.total_steps, final=True)
     self.save(state, config.total_steps)
@@ -361,6 +397,21 @@ class Trainer:
       with open(os.path.join(self.workdir, 'final_metrics.json'), 'w') as f:
         json.dump({'step': config.total_steps, **final}, f, indent=2)
     return final
+
+  @staticmethod
+  def _agreed_signal(interrupt: Interrupt, at_log_step: bool) -> int | None:
+    """The signal to stop on, decided at the same step by every process.
+
+    One process stops at the next step boundary. Several processes must save the same step
+    together (the save is collective), and a signal reaches them at different steps, so
+    they compare flags at log steps only, where the loop already waits for the devices.
+    """
+    if jax.process_count() == 1:
+      return interrupt.signum
+    if not at_log_step:
+      return None
+    flags = multihost_utils.process_allgather(np.int32(interrupt.signum or 0))
+    return int(np.max(flags)) or None
 
   def _log(self, step, pending, seconds, wait_s, num_steps) -> dict[str, float]:
     fetched = jax.device_get(pending)

@@ -172,3 +172,34 @@ def test_resume_with_a_mismatched_config_names_the_difference(pretrained, tmp_pa
             '--config.model.image.width=64')
   assert run.returncode != 0
   assert 'does not match the current config' in run.stderr + run.stdout
+
+
+def test_two_processes_train_evaluate_checkpoint_and_resume(tmp_path, data_dir):
+  """The real CLI as 2 processes x 2 CPU devices (launch/local_multiprocess.sh, gloo): each
+  process reads half the data, evaluation gathers every host's rows, process 0 alone writes
+  logs, and a second launch resumes from the checkpoint."""
+  env = dict(os.environ, MMFUSION_DATA_DIR=str(data_dir), TF_CPP_MIN_LOG_LEVEL='2')
+  env.pop('XLA_FLAGS', None)
+
+  def launch(*flags):
+    cmd = ['bash', f'{ROOT}/launch/local_multiprocess.sh', '-n', '2', '-d', '2', '--',
+           sys.executable, '-m', 'mmfusion.main', f'--config={ROOT}/configs/shapes_clip.py',
+           f'--workdir={tmp_path}', *SMALL, *flags]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return done.stdout
+
+  first = launch('--config.total_steps=20')
+  assert "[p0] [mmfusion] mesh {'data': 4, 'fsdp': 1, 'tensor': 1} over 4 devices in 2" in first
+  second = launch('--config.total_steps=30')
+  assert f'[p0] [mmfusion] resumed from {tmp_path}/checkpoints/20 (step 20)' in second
+  finals = [line.split('final: ', 1)[1] for line in second.splitlines() if 'final: ' in line]
+  assert len(finals) == 1, finals                  # printed by process 0 only
+  final = json.load(open(tmp_path / 'final_metrics.json'))
+  assert final['step'] == 30
+  # Every validation image once, though each process read only its half of the split.
+  assert final['retrieval/num_images'] == 128 and final['retrieval/num_captions'] == 640
+  rows = metrics(tmp_path)
+  steps = [r['step'] for r in rows if 'loss' in r]
+  assert steps == [10, 20, 30], steps              # one writer, and the resumed run went on
+  assert sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit())[-1] == 30

@@ -21,12 +21,14 @@ REGISTRY: dict[str, type[common.Evaluator]] = {
 }
 
 
-def build(name: str, eval_cfg: Any, *, model: Any, config: Any, tokenizer: Any
-          ) -> common.Evaluator:
+def build(name: str, eval_cfg: Any, *, model: Any, config: Any, tokenizer: Any,
+          mesh: Any = None, rules: Any = None) -> common.Evaluator:
   """The evaluator for `config.evals[name]`; bad types, keys or values fail here, naming them.
 
   `type` picks the class and `every` (steps between runs, 0 = never during training) is the
   trainer's; every other key goes to the evaluator, which rejects the ones it does not take.
+  `mesh` / `rules`: the run's, so evaluation runs where the params live (default: a data-
+  parallel mesh over every device).
   """
   options = common.to_plain(eval_cfg)
   if not isinstance(options, dict):
@@ -43,4 +45,5 @@ def build(name: str, eval_cfg: Any, *, model: Any, config: Any, tokenizer: Any
   if isinstance(every, bool) or not isinstance(every, int) or every < 0:
     raise ValueError(f'config.evals.{name}: every must be an int >= 0 (0 = never), '
                      f'got {every!r}.')
-  return REGISTRY[kind](name, model=model, config=config, tokenizer=tokenizer, **options)
+  return REGISTRY[kind](name, model=model, config=config, tokenizer=tokenizer, mesh=mesh,
+                        rules=rules, **options)

@@ -19,9 +19,9 @@ class Classification(common.Evaluator):
   TYPE = 'classification'
   OPTIONS = dict(common.Evaluator.OPTIONS)
 
-  def __init__(self, name: str, *, model: Any, config: Any, tokenizer: Any, **options: Any):
-    super().__init__(name, model=model, config=config, tokenizer=tokenizer, **options)
-    head = config.model.head
+  def __init__(self, name: str, **kwargs: Any):
+    super().__init__(name, **kwargs)
+    head = self.config.model.head
     if head.num_classes == 0 or head.num_classes < -1:
       raise self.error('type classification needs a classification head, but '
                        f'config.model.head.num_classes is {head.num_classes}.')
@@ -33,7 +33,7 @@ class Classification(common.Evaluator):
     # -1 means "as many as the dataset has"; the trainer resolves it before building, a
     # notebook may not, so it is looked up (once) at the first run instead.
     self.num_classes = int(head.num_classes) if head.num_classes > 0 else None
-    self._predict = common.make_predict(model, self._argmax)
+    self._predict = self.predict(self._argmax)
 
   def _argmax(self, out: dict[str, Any]) -> Any:
     if 'logits' not in out:
@@ -47,7 +47,7 @@ class Classification(common.Evaluator):
   def run(self, params: common.Params) -> Iterator[tuple[str, float]]:
     if self.num_classes is None:
       self.num_classes = len(self.class_names())
-    rows = common.collect(self.batches(), lambda batch: {
+    rows = self.collect(lambda batch: {
         'pred': self._predict(params, {'image': batch['image']}),
         'label': batch['label'],
     })

@@ -30,25 +30,23 @@ class Retrieval(common.Evaluator):
   TYPE = 'retrieval'
   OPTIONS = dict(common.Evaluator.OPTIONS)
 
-  def __init__(self, name: str, *, model: Any, config: Any, tokenizer: Any, **options: Any):
-    super().__init__(name, model=model, config=config, tokenizer=tokenizer, **options)
-    self._embed_image = common.make_predict(model, common.image_embeddings)
-    self._embed_text = common.make_predict(model, common.text_embeddings)
+  def __init__(self, name: str, **kwargs: Any):
+    super().__init__(name, **kwargs)
+    self._embed = self.jit(self._embed_batch)
 
-  def _embed(self, params: common.Params, batch: common.Batch) -> dict[str, Any]:
+  def _embed_batch(self, params: common.Params, batch: common.Batch) -> dict[str, Any]:
     b, k, length = batch['captions'].shape
-    text = self._embed_text(params, {
-        'text': batch['captions'].reshape(b * k, length),
-        'text_mask': batch['captions_mask'].reshape(b * k, length),
-    })
+    apply = lambda inputs: self.model.apply({'params': params}, inputs, train=False)
+    text = apply({'text': batch['captions'].reshape(b * k, length),
+                  'text_mask': batch['captions_mask'].reshape(b * k, length)})
     return {
-        'image': self._embed_image(params, {'image': batch['image']}),
-        'text': text.reshape(b, k, -1),
-        'caption_valid': np.asarray(batch['captions_mask']).any(axis=-1),
+        'image': common.image_embeddings(apply({'image': batch['image']})),
+        'text': common.text_embeddings(text).reshape(b, k, -1),
+        'caption_valid': batch['captions_mask'].any(axis=-1),
     }
 
   def run(self, params: common.Params) -> Iterator[tuple[str, float]]:
-    rows = common.collect(self.batches(), lambda batch: self._embed(params, batch))
+    rows = self.collect(lambda batch: self._embed(params, batch))
     num_images = len(rows.get('image', ()))
     common.check_not_empty(self, num_images)
     image = rows['image'].astype(np.float32)                        # [N, D]

@@ -23,11 +23,11 @@ class ZeroShot(common.Evaluator):
   TYPE = 'zeroshot'
   OPTIONS = {**common.Evaluator.OPTIONS, 'templates': ('a {}.',)}
 
-  def __init__(self, name: str, *, model: Any, config: Any, tokenizer: Any, **options: Any):
-    super().__init__(name, model=model, config=config, tokenizer=tokenizer, **options)
+  def __init__(self, name: str, **kwargs: Any):
+    super().__init__(name, **kwargs)
     self.templates = self._check_templates(self.options['templates'])
-    self._embed_image = common.make_predict(model, common.image_embeddings)
-    self._embed_text = common.make_predict(model, common.text_embeddings)
+    self._embed_image = self.predict(common.image_embeddings)
+    self._embed_text = self.predict(common.text_embeddings)
     self._prompt_tokens = {}     # class names -> (ids, mask): tokenized once, not every run
 
   def _check_templates(self, templates: Any) -> tuple[str, ...]:
@@ -54,7 +54,7 @@ class ZeroShot(common.Evaluator):
       self._prompt_tokens[key] = self.tokenizer.encode(self.prompts(class_names),
                                                        self.config.tokenizer.max_len)
     ids, mask = self._prompt_tokens[key]
-    emb = common.embed_texts(self._embed_text, params, np.asarray(ids), np.asarray(mask),
+    emb = common.embed_texts(self, self._embed_text, params, np.asarray(ids), np.asarray(mask),
                              self.batch_size)
     emb = emb.reshape(len(class_names), len(self.templates), -1).mean(axis=1)
     # Averaging unit vectors shrinks them by how much the templates disagree; without the
@@ -66,7 +66,7 @@ class ZeroShot(common.Evaluator):
     if not names:
       raise self.error('the dataset has no class names.')
     classes = self.class_embeddings(params, names)
-    rows = common.collect(self.batches(), lambda batch: {
+    rows = self.collect(lambda batch: {
         'image': self._embed_image(params, {'image': batch['image']}),
         'label': batch['label'],
     })

@@ -17,6 +17,7 @@ RESULTS_DIR = os.path.join(BENCHMARKS_DIR, 'results')
 TRAIN_STEP_SECTION = 'Train step'
 COMPILE_TIME_SECTION = 'Compile time'
 PIPELINE_SECTION = 'Input pipeline'
+CONTRASTIVE_MEMORY_SECTION = 'Contrastive loss memory'
 # What a new RESULTS.md starts with; each section then follows with its own intro and table.
 PREAMBLE = f"""\
 # Benchmark results
@@ -33,6 +34,8 @@ files differed from it). Rows are only ever added; `--json_out PATH` keeps a run
   lowering and compiling the train step at each depth, scan vs unrolled.
 - {PIPELINE_SECTION}: `python -m benchmarks.pipeline --config CONFIG` times the training input
   iterator alone (tf.data, tokenization, copy to device), no model.
+- {CONTRASTIVE_MEMORY_SECTION}: `python -m benchmarks.contrastive_memory` plans the per-device
+  memory of the sharded contrastive losses' gradient step against the global batch size.
 """
 
 TRAIN_STEP_INTRO = """\

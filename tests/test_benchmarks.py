@@ -226,3 +226,39 @@ def test_open_clip_spec_has_the_config_architecture():
   config.model.image.pool = 'map'
   with pytest.raises(ValueError, match='config.model.image.pool'):
     open_clip_step.spec(config)
+
+
+def test_contrastive_memory_benchmark_records_linear_ring_and_quadratic_dense(tmp_path):
+  json_out, results_md = tmp_path / 'run.json', tmp_path / 'RESULTS.md'
+  cmd = [sys.executable, '-m', 'benchmarks.contrastive_memory', '--batches=256,512,1024',
+         '--dim=16', '--chunk_size=8', f'--results_md={results_md}', f'--json_out={json_out}']
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  env.pop('XLA_FLAGS', None)          # the benchmark asks for its 8 host devices itself
+  run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+
+  rec = json.loads(json_out.read_text())
+  assert rec['devices'] == 8 and rec['machine'].startswith('cpu x8')
+  rows = {(r['loss'], r['batch']): r for r in rec['results']}
+  assert set(rows) == {(loss, b) for loss in ('ring', 'dense', 'softmax')
+                       for b in (256, 512, 1024)}
+  for (loss, batch), r in rows.items():
+    memory = r['memory']
+    assert memory['total'] == (memory['argument'] + memory['output'] + memory['temp']
+                               - memory['alias'])
+    if batch > 256:
+      previous = rows[loss, batch // 2]['memory']
+      assert r['total_growth'] == pytest.approx(memory['total'] / previous['total'])
+  # XLA's plan is deterministic: the acceptance property itself, 2x vs 4x per doubling.
+  assert rows['ring', 1024]['temp_growth'] < 2.5, rows['ring', 1024]
+  assert rows['dense', 1024]['temp_growth'] > 3.0 and rows['softmax', 1024]['temp_growth'] > 3.0
+  assert rows['ring', 1024]['chunk'] == 8 and rows['dense', 1024]['chunk'] is None
+
+  text = results_md.read_text()
+  assert text.startswith('# Benchmark results\n')
+  section = record.CONTRASTIVE_MEMORY_SECTION
+  assert f'\n- {section}: `python -m benchmarks.contrastive_memory`' in text
+  lines = text[text.index(f'## {section}'):].splitlines()
+  table = [l for l in lines if l.startswith('| ')]
+  assert table[0].startswith('| Date (UTC) | Machine | Commit | Loss | Global batch |')
+  assert len(table) == 2 + 9 and table[2].split(' | ')[3:5] == ['ring', '256']

@@ -140,7 +140,8 @@ def _split_shape(mesh_config, num_devices, dcn_config, num_granules):
 def granules(devices: Sequence[jax.Device] | None = None) -> tuple[int, bool]:
   """(number of granules, whether a granule is a process rather than a TPU slice)."""
   devices = list(devices if devices is not None else jax.devices())
-  if all(getattr(d, 'slice_index', None) is not None for d in devices):
+  if devices[0].platform == 'tpu' and all(
+      getattr(d, 'slice_index', None) is not None for d in devices):
     return len({d.slice_index for d in devices}), False
   return len({d.process_index for d in devices}), True
 

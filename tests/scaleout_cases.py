@@ -109,14 +109,29 @@ def meshes(out_dir: str) -> None:
     json.dump(report, f)
 
 
-def processes(out_dir: str, mesh_name: str) -> None:
-  """Two steps on a mesh of every device of every process (a multi-process run or not)."""
-  mesh = {'data2_fsdp2': dict(data=2, fsdp=2, tensor=1),
-          'fsdp2_tensor2': dict(data=1, fsdp=2, tensor=2)}[mesh_name]
-  config = small_config(mesh)
-  losses, state = one_step(program_for(config), steps=2)
-  save_params(os.path.join(out_dir, f'{mesh_name}_p{jax.process_count()}.npz'), losses,
-              state.params)
+def processes(out_dir: str, *mesh_names: str) -> None:
+  """Two steps on meshes of every device of every process (a multi-process run or not).
+
+  'hybrid' splits 'data' across processes (config.mesh_dcn, the slow network) and 'fsdp'
+  within each (config.mesh): the layout of a multi-node GPU run.
+  """
+  layouts = {
+      'data2_fsdp2': (dict(data=2, fsdp=2, tensor=1), dict(data=1, fsdp=1, tensor=1)),
+      'hybrid': (dict(data=1, fsdp=2, tensor=1), dict(data=2, fsdp=1, tensor=1)),
+  }
+  for name in mesh_names:
+    mesh, dcn = layouts[name]
+    config = small_config(mesh)
+    config.unlock()
+    config.mesh_dcn.update(dcn)
+    config.lock()
+    program = program_for(config)
+    if name == 'hybrid':   # each process's devices form one 'fsdp' row of the mesh
+      rows = [{d.process_index for d in row.flat} for row in program.mesh.devices]
+      assert all(len(r) == 1 for r in rows) and len({min(r) for r in rows}) == 2, rows
+    losses, state = one_step(program, steps=2)
+    save_params(os.path.join(out_dir, f'{name}_p{jax.process_count()}.npz'), losses,
+                state.params)
 
 
 def save_fsdp(out_dir: str) -> None:

@@ -86,12 +86,14 @@ def test_fsdp8_splits_every_large_parameter_eight_ways(meshes_run):
 
 
 def test_two_processes_step_like_one_process(tmp_path):
-  """2 processes x 2 devices (gloo) == 1 process x 4 devices, same global batch, 2 steps."""
-  out = run_case('processes', str(tmp_path), 'data2_fsdp2', devices=2, processes=2)
+  """2 processes x 2 devices (gloo) == 1 process x 4 devices, same global batch, 2 steps; also
+  with the hybrid mesh that puts 'data' across the processes (config.mesh_dcn)."""
+  out = run_case('processes', str(tmp_path), 'data2_fsdp2', 'hybrid', devices=2, processes=2)
   assert '[p0] case processes done on process 0 of 2' in out
   assert '[p1] case processes done on process 1 of 2' in out
   run_case('processes', str(tmp_path), 'data2_fsdp2', devices=4)
   assert_same_step(tmp_path / 'data2_fsdp2_p2.npz', tmp_path / 'data2_fsdp2_p1.npz')
+  assert_same_step(tmp_path / 'hybrid_p2.npz', tmp_path / 'data2_fsdp2_p1.npz')
 
 
 def test_checkpoint_restores_onto_a_different_mesh(tmp_path):

@@ -49,8 +49,15 @@ def main():
         timeout_s=_DISTRIBUTED_TIMEOUT.value)
   except (ValueError, distributed.DistributedError) as e:
     sys.exit(f'mmfusion: {e}')
+  from mmfusion import checkpoint
   from mmfusion import train  # heavy imports after flag parsing, so --help is instant
-  final = train.run(_CONFIG.value, _WORKDIR.value)
+  try:
+    # Every check that needs no compute: config values, mesh, sharding rules, data, tokenizer,
+    # model, objectives, evaluators, init_from. What fails here is the user's to change.
+    trainer = train.Trainer(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, OSError, checkpoint.CheckpointError) as e:
+    sys.exit(f'mmfusion: {e}')
+  final = trainer.run_and_close()
   if distributed.is_primary():
     print('[mmfusion] final: ' + ', '.join(f'{k}={v:.4f}' for k, v in sorted(final.items())))
 

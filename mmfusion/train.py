@@ -398,6 +398,13 @@ class Trainer:
         json.dump({'step': config.total_steps, **final}, f, indent=2)
     return final
 
+  def run_and_close(self) -> dict[str, float]:
+    try:
+      return self.run()
+    finally:
+      with contextlib.suppress(Exception):
+        self.checkpointer.close()
+
   @staticmethod
   def _agreed_signal(interrupt: Interrupt, at_log_step: bool) -> int | None:
     """The signal to stop on, decided at the same step by every process.
@@ -425,9 +432,4 @@ class Trainer:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  trainer = Trainer(config, workdir)
-  try:
-    return trainer.run()
-  finally:
-    with contextlib.suppress(Exception):
-      trainer.checkpointer.close()
+  return Trainer(config, workdir).run_and_close()

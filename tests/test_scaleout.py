@@ -172,3 +172,23 @@ print('ok')
   done = subprocess.run([sys.executable, '-c', code], env=env, cwd=REPO, capture_output=True,
                         text=True, timeout=120)
   assert done.returncode == 0 and done.stdout.strip().endswith('ok'), done.stderr[-3000:]
+
+
+@pytest.mark.parametrize('flag, message', [
+    ("--config.sharding.rules=(('hidden', 'fsdp'),)",
+     "mmfusion: config.sharding.rules names the logical axis 'hidden', which the model does "
+     'not use; logical axes are'),
+    ('--config.mesh.data=3',
+     "mmfusion: config.mesh {'data': 3, 'fsdp': 1, 'tensor': 1} has 3 devices but 1 are "
+     'available; set one axis to -1 or change the sizes.'),
+])
+def test_cli_layout_errors_are_one_line(tmp_path, flag, message):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  env.pop('XLA_FLAGS', None)
+  done = subprocess.run(
+      [sys.executable, '-m', 'mmfusion.main', '--config', 'configs/shapes_clip.py:smoke',
+       '--workdir', str(tmp_path), flag], env=env, cwd=REPO, capture_output=True, text=True,
+      timeout=120)
+  assert done.returncode == 1
+  assert 'Traceback' not in done.stderr
+  assert done.stderr.strip().splitlines()[-1].startswith(message), done.stderr[-2000:]

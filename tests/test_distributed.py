@@ -266,7 +266,11 @@ def test_ctrl_c_reaches_every_process_once(tmp_path):
       time.sleep(0.5 + int(os.environ['MMFUSION_PROCESS_ID']))
       print('signals', seen, flush=True)
       sys.exit(130)
-  ''', '-n', '2', start_new_session=True)
+  ''', '-n', '2', start_new_session=True,
+      # As from a terminal. A job started in the background of a non-interactive shell
+      # (`nohup ... &`, some CI runners) inherits SIGINT ignored, and bash cannot trap a
+      # signal that was ignored when it started.
+      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   ready = 0
   lines = []
   while ready < 2:

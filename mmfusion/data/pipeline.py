@@ -1,21 +1,23 @@
 """Input pipelines: TFDS -> tf.data (each host reads its own part) -> global jax.Arrays.
 
-Owns finding (or rendering) datasets, the tokenizer cache, the exactly resumable training
-iterator and the padded, masked evaluation batches.
+Owns finding (or rendering) datasets, the tokenizer and answer-vocabulary caches, the exactly
+resumable training iterator and the padded, masked evaluation batches.
 
 Training order is a pure function of (config.seed, step, data config, process count):
 epoch e = step // steps_per_epoch is a shuffle of the host's examples seeded by
-(seed, process, e), with the last partial batch dropped; caption choice and colour jitter
-come from stateless random numbers indexed by (seed, process, e, example id). Resuming at
-step s skips s % steps_per_epoch batches of epoch e before the per-batch work: datasets
-whose resized images fit in memory are decoded once per run, larger ones are decoded
-after the skip, so resuming never decodes what it skips.
+(seed, process, e), with the last partial batch dropped; caption choice, colour jitter and
+(when asked for) question choice come from stateless random numbers indexed by
+(seed, process, e, example id). Resuming at step s skips s % steps_per_epoch batches of
+epoch e before the per-batch work: datasets whose resized images fit in memory are decoded
+once per run, larger ones are decoded after the skip, so resuming never decodes what it
+skips.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import itertools
+import json
 import math
 import os
 import queue
@@ -51,6 +53,12 @@ _DEFAULT_DATA_DIR = os.path.join('~', '.cache', 'mmfusion', 'datasets')
 _IN_MEMORY_LIMIT_BYTES = 2 << 30
 _LOAD_CHUNK = 1024              # examples per batch when loading into memory
 _NUM_RANDOM = 1 + preprocess.NUM_JITTER_PARAMS   # caption choice + colour jitter
+# Batch keys that ask the training pipeline for one question (and its answer) per example.
+QUESTION_INPUTS = ('question', 'question_mask', 'answer')
+# Objects per example whose attributes the eval batches carry (mmfusion_shapes has 1 or 2);
+# absent objects read -1, further ones are left out.
+_EVAL_OBJECTS = 2
+_OBJECT_ATTRIBUTES = ('colour', 'shape', 'size')
 
 
 # ---------------------------------------------------------------------------- datasets
@@ -158,22 +166,70 @@ def class_names(config: Any) -> list[str]:
   return list(label.names)
 
 
+def _where(builder: tfds.core.DatasetBuilder) -> str:
+  return f'{builder.name}/{builder.builder_config.name if builder.builder_config else ""}'
+
+
+def _num_texts(feature: Any) -> int:
+  """1 for a Text feature, K for a Sequence of Text of fixed length K, else 0."""
+  if isinstance(feature, tfds.features.Text):
+    return 1
+  if (isinstance(feature, tfds.features.Sequence)
+      and isinstance(feature.feature, tfds.features.Text) and feature.shape[0]):
+    return feature.shape[0]
+  return 0
+
+
 def _check_features(builder: tfds.core.DatasetBuilder) -> int:
   """Checks the features the pipeline reads; returns K, the captions per example."""
   features = builder.info.features
-  where = f'{builder.name}/{builder.builder_config.name if builder.builder_config else ""}'
   if not isinstance(features['image'] if 'image' in features else None,
                     tfds.features.Image):
-    raise ValueError(f'Dataset {where} needs an Image feature "image"; it has '
+    raise ValueError(f'Dataset {_where(builder)} needs an Image feature "image"; it has '
                      f'{sorted(features.keys())}')
   captions = features['captions'] if 'captions' in features else None
-  if isinstance(captions, tfds.features.Text):
-    return 1
-  if (isinstance(captions, tfds.features.Sequence)
-      and isinstance(captions.feature, tfds.features.Text) and captions.shape[0]):
-    return captions.shape[0]
-  raise ValueError(f'Dataset {where} needs a "captions" feature: Text, or a Sequence of '
-                   f'Text with a fixed length; it has {captions!r}')
+  num_captions = _num_texts(captions)
+  if not num_captions:
+    raise ValueError(f'Dataset {_where(builder)} needs a "captions" feature: Text, or a '
+                     f'Sequence of Text with a fixed length; it has {captions!r}')
+  return num_captions
+
+
+def _num_questions(builder: tfds.core.DatasetBuilder) -> int:
+  """Q, the question-answer pairs per example; 0 when the dataset has none.
+
+  Pairs are a "questions" and an "answers" feature, each Text or a Sequence of Text of the
+  same fixed length.
+  """
+  features = builder.info.features
+  if 'questions' not in features or 'answers' not in features:
+    return 0
+  num = _num_texts(features['questions'])
+  return num if num == _num_texts(features['answers']) else 0
+
+
+def _require_questions(builder: tfds.core.DatasetBuilder, why: str) -> int:
+  num = _num_questions(builder)
+  if not num:
+    features = builder.info.features
+    raise ValueError(
+        f'{why} needs question-answer pairs, but dataset {_where(builder)} has no "questions" '
+        'and "answers" features of the same fixed length (Text, or a Sequence of Text); '
+        f'its features: {sorted(features.keys())}')
+  return num
+
+
+def _object_attributes(builder: tfds.core.DatasetBuilder) -> list[str]:
+  """Which of colour/shape/size the dataset's `objects` (a Sequence of dicts) has as
+  ClassLabels; [] without objects."""
+  features = builder.info.features
+  objects = features['objects'] if 'objects' in features else None
+  if not (isinstance(objects, tfds.features.Sequence)
+          and isinstance(objects.feature, tfds.features.FeaturesDict)):
+    return []
+  fields = objects.feature
+  return [name for name in _OBJECT_ATTRIBUTES
+          if name in fields.keys() and isinstance(fields[name], tfds.features.ClassLabel)]
 
 
 def _read(builder: tfds.core.DatasetBuilder, split: Any,
@@ -198,7 +254,15 @@ def _deterministic(ds: tf.data.Dataset) -> tf.data.Dataset:
   return ds.with_options(options)
 
 
-# --------------------------------------------------------------------------- tokenizer
+# ----------------------------------------------------------- tokenizer, answer vocabulary
+
+
+def _cache_path(config: Any, builder: tfds.core.DatasetBuilder, suffix: str) -> str:
+  """<data_dir>/tokenizers/<dataset>_<config>_<version>_<suffix>: what is derived from a
+  dataset's train split and reused by every run on it."""
+  builder_config = builder.builder_config.name if builder.builder_config else 'default'
+  return os.path.join(resolve_data_dir(config.data), 'tokenizers',
+                      f'{builder.name}_{builder_config}_{builder.version}_{suffix}')
 
 
 def get_tokenizer(config: Any) -> tokenizer_lib.Tokenizer:
@@ -211,9 +275,7 @@ def get_tokenizer(config: Any) -> tokenizer_lib.Tokenizer:
     return tokenizer_lib.Tokenizer(path)
   builder = get_builder(config.data)
   vocab_size = config.tokenizer.vocab_size
-  builder_config = builder.builder_config.name if builder.builder_config else 'default'
-  path = os.path.join(resolve_data_dir(config.data), 'tokenizers',
-                      f'{builder.name}_{builder_config}_{builder.version}_v{vocab_size}.model')
+  path = _cache_path(config, builder, f'v{vocab_size}.model')
   if not tf.io.gfile.exists(path):
     split = _base_split(config.data.train_split)
     tokenizer_lib.train_tokenizer(_caption_texts(builder, split), path, vocab_size)
@@ -226,6 +288,42 @@ def _caption_texts(builder: tfds.core.DatasetBuilder, split: str) -> Iterator[st
   ds = _read(builder, split, ['captions']).map(lambda ex: tf.reshape(ex['captions'], [-1]))
   for captions in ds.unbatch().batch(4096).as_numpy_iterator():
     yield from (c.decode('utf-8') for c in captions)
+
+
+def answer_vocab(config: Any) -> list[str]:
+  """The VQA answer classes: every answer of the train split's questions, sorted.
+
+  Computed once per dataset and cached as json next to the tokenizer (under
+  <data_dir>/tokenizers/), so every run and evaluation on the dataset numbers answers the
+  same way. Answers outside it (in eval splits) are -1 in the batches.
+  """
+  builder = get_builder(config.data)
+  _require_questions(builder, 'answer_vocab')
+  path = _cache_path(config, builder, 'answers.json')
+  if not tf.io.gfile.exists(path):
+    split = _base_split(config.data.train_split)
+    ds = _read(builder, split, ['answers']).map(lambda ex: tf.reshape(ex['answers'], [-1]))
+    answers = set()
+    for chunk in ds.unbatch().batch(4096).as_numpy_iterator():
+      answers.update(a.decode('utf-8') for a in chunk)
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    # Written next to the target then renamed, like the tokenizer: processes that compute
+    # the same vocabulary at once never leave half a file.
+    tmp_path = f'{path}.tmp-{os.getpid()}'
+    with tf.io.gfile.GFile(tmp_path, 'w') as f:
+      json.dump(sorted(answers), f)
+    tf.io.gfile.rename(tmp_path, path, overwrite=True)
+  with tf.io.gfile.GFile(path) as f:
+    return json.load(f)
+
+
+def _answer_table(config: Any) -> tf.lookup.StaticHashTable:
+  """Answer string -> int32 index in `answer_vocab`, -1 for answers outside it."""
+  vocab = answer_vocab(config)
+  return tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(tf.constant(vocab, tf.string),
+                                          tf.range(len(vocab), dtype=tf.int32)),
+      default_value=-1)
 
 
 # ---------------------------------------------------------------------------- training
@@ -258,11 +356,16 @@ def _steps_per_epoch(num: int, config: Any) -> int:
   return steps
 
 
-def _standardize(example_id: tf.Tensor, ex: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+def _standardize(example_id: tf.Tensor, ex: Mapping[str, tf.Tensor],
+                 answer_table: tf.lookup.StaticHashTable | None = None,
+                 ) -> dict[str, tf.Tensor]:
   out = {'id': example_id, 'image': ex['image'],
          'captions': tf.reshape(ex['captions'], [-1])}      # [K] strings
   if 'label' in ex:
     out['label'] = tf.cast(ex['label'], tf.int32)
+  if 'questions' in ex:
+    out['questions'] = tf.reshape(ex['questions'], [-1])                    # [Q] strings
+    out['answers'] = answer_table.lookup(tf.reshape(ex['answers'], [-1]))   # [Q] int32
   return out
 
 
@@ -289,18 +392,25 @@ def _decoded_batches(ds: tf.data.Dataset, builder: tfds.core.DatasetBuilder,
   return ds
 
 
+def _pick(u: tf.Tensor, num: int) -> tf.Tensor:
+  """Uniform numbers [B] in [0, 1) -> indices [B] in [0, num)."""
+  return tf.minimum(tf.cast(u * num, tf.int32), num - 1)
+
+
 def _finish_train_batch(batch: dict[str, tf.Tensor], random_nr: tf.Tensor,
                         num_captions: int, augment: bool) -> dict[str, tf.Tensor]:
-  """Picks one caption per example, jitters colours, normalises. random_nr: [N, R].
+  """Picks one caption (and question) per example, jitters colours, normalises.
 
-  Batches with tokenized captions get `text`/`text_mask`; batches of caption strings
-  get `caption` [B], tokenized on the host side (see `_tokenize_on_host`).
+  random_nr: [N, R], R = _NUM_RANDOM, plus one column for the question choice when the
+  batch has questions. Batches with tokenized captions get `text`/`text_mask`; batches of
+  caption strings get `caption` [B], tokenized on the host side (see `_tokenize_on_host`).
+  Likewise `question`/`question_mask` or `question_string` [B], and `answer` [B].
   """
   u = tf.gather(random_nr, batch['id'])                                  # [B, R]
-  choice = tf.minimum(tf.cast(u[:, 0] * num_captions, tf.int32), num_captions - 1)
+  choice = _pick(u[:, 0], num_captions)
   images = preprocess.to_unit_range(batch['image'])
   if augment:
-    images = preprocess.colour_jitter(images, u[:, 1:])
+    images = preprocess.colour_jitter(images, u[:, 1:_NUM_RANDOM])
   out = {'image': preprocess.normalize(images)}
   if 'caption_ids' in batch:
     out['text'] = tf.gather(batch['caption_ids'], choice, batch_dims=1)      # [B, L]
@@ -309,6 +419,14 @@ def _finish_train_batch(batch: dict[str, tf.Tensor], random_nr: tf.Tensor,
     out['caption'] = tf.gather(batch['captions'], choice, batch_dims=1)      # [B]
   if 'label' in batch:
     out['label'] = batch['label']
+  if 'answers' in batch:
+    question = _pick(u[:, _NUM_RANDOM], batch['answers'].shape[1])         # Q is static
+    out['answer'] = tf.gather(batch['answers'], question, batch_dims=1)     # [B]
+    if 'question_ids' in batch:
+      out['question'] = tf.gather(batch['question_ids'], question, batch_dims=1)   # [B, L]
+      out['question_mask'] = tf.gather(batch['question_ids_mask'], question, batch_dims=1)
+    else:
+      out['question_string'] = tf.gather(batch['questions'], question, batch_dims=1)
   return out
 
 
@@ -332,12 +450,16 @@ def _tokenize_on_host(batches: Iterable[dict[str, np.ndarray]], key: str,
 def _load_in_memory(source: tf.data.Dataset, builder: tfds.core.DatasetBuilder,
                     image_size: int, tokenizer: tokenizer_lib.Tokenizer,
                     max_len: int) -> dict[str, tf.Tensor]:
-  """Every example decoded, resized and tokenized, as tensors with a leading [N] axis
-  (row i is example id i)."""
+  """Every example decoded, resized and tokenized (all its captions, and questions when
+  read), as tensors with a leading [N] axis (row i is example id i)."""
   ds = _decoded_batches(source, builder, image_size, _LOAD_CHUNK)
-  chunks = list(_tokenize_on_host(
-      _deterministic(ds.prefetch(tf.data.AUTOTUNE)).as_numpy_iterator(), 'captions',
-      ('caption_ids', 'caption_mask'), tokenizer, max_len))
+  chunks = _deterministic(ds.prefetch(tf.data.AUTOTUNE)).as_numpy_iterator()
+  chunks = _tokenize_on_host(chunks, 'captions', ('caption_ids', 'caption_mask'), tokenizer,
+                             max_len)
+  if 'questions' in ds.element_spec:
+    chunks = _tokenize_on_host(chunks, 'questions', ('question_ids', 'question_ids_mask'),
+                               tokenizer, max_len)
+  chunks = list(chunks)
   return {k: tf.constant(np.concatenate([c[k] for c in chunks]))
           for k in chunks[0] if k != 'id'}
 
@@ -350,7 +472,8 @@ def _epoch_seed(config: Any, epoch: tf.Tensor) -> tf.Tensor:
 def _train_dataset(config: Any, tokenizer: tokenizer_lib.Tokenizer,
                    start_step: int) -> tf.data.Dataset:
   """Host-local training batches for steps start_step, start_step + 1, ... (infinite);
-  see `local_train_batches` (which tokenizes the `caption` of streamed data).
+  see `local_train_batches` (which tokenizes the `caption` and `question_string` of
+  streamed data).
 
   A host's data that fit in memory once resized are decoded once and each epoch is a
   stateless random permutation of them (a full shuffle). Larger data stream through a
@@ -366,7 +489,13 @@ def _train_dataset(config: Any, tokenizer: tokenizer_lib.Tokenizer,
   first_epoch, first_offset = divmod(start_step, epoch_steps)
   size, max_len = config.data.image_size, config.tokenizer.max_len
   keys = ['image', 'captions'] + (['label'] if 'label' in builder.info.features else [])
-  source = _read(builder, split, keys).enumerate().map(_standardize)
+  answer_table = None
+  if set(QUESTION_INPUTS) & set(config.data.inputs):
+    _require_questions(builder, f'config.data.inputs = {tuple(config.data.inputs)}')
+    keys += ['questions', 'answers']
+    answer_table = _answer_table(config)
+  source = _read(builder, split, keys).enumerate().map(
+      lambda i, ex: _standardize(i, ex, answer_table))
   in_memory = num * size * size * 3 <= _IN_MEMORY_LIMIT_BYTES
   if in_memory:
     examples = _load_in_memory(source, builder, size, tokenizer, max_len)
@@ -393,6 +522,15 @@ def _train_dataset(config: Any, tokenizer: tokenizer_lib.Tokenizer,
         [num, _NUM_RANDOM],
         tf.random.experimental.stateless_fold_in(_epoch_seed(config, e), 1, alg='philox'),
         alg='philox')
+    if answer_table is not None:
+      # The question choice is a column of its own, drawn from a seed of its own: widening
+      # the draw above would change every caption choice and jitter, so runs without
+      # questions keep exactly the batches they had.
+      question_nr = tf.random.stateless_uniform(
+          [num, 1],
+          tf.random.experimental.stateless_fold_in(_epoch_seed(config, e), 2, alg='philox'),
+          alg='philox')
+      random_nr = tf.concat([random_nr, question_nr], axis=1)
     if in_memory:
       ds = epoch_ids(e).batch(host_batch).map(
           lambda ids: {'id': ids, **{k: tf.gather(v, ids) for k, v in examples.items()}})
@@ -479,12 +617,18 @@ def local_train_batches(config: Any, tokenizer: tokenizer_lib.Tokenizer,
 
   Keys: image f32 [b, S, S, 3] in [-1, 1], text i32 [b, L], text_mask bool [b, L],
   label i32 [b] (when the dataset has labels), with b = batch_size / process_count.
+  When config.data.inputs names any of QUESTION_INPUTS, also one of each example's
+  questions per epoch: question i32 [b, L], question_mask bool [b, L] and answer i32 [b],
+  its answer's index in `answer_vocab` (-1 if not in it).
   """
   ds = _train_dataset(config, tokenizer, start_step)
   batches = ds.as_numpy_iterator()
   if 'caption' in ds.element_spec:
     batches = _tokenize_on_host(batches, 'caption', ('text', 'text_mask'), tokenizer,
                                 config.tokenizer.max_len)
+  if 'question_string' in ds.element_spec:
+    batches = _tokenize_on_host(batches, 'question_string', ('question', 'question_mask'),
+                                tokenizer, config.tokenizer.max_len)
   return batches
 
 
@@ -494,7 +638,9 @@ def train_iterator(config: Any, tokenizer: tokenizer_lib.Tokenizer,
   """Global training batches for steps start_step, start_step + 1, ... (infinite).
 
   Keys: image f32 [B, S, S, 3] in [-1, 1], text i32 [B, L], text_mask bool [B, L],
-  label i32 [B]; B = config.batch_size, sharded over the leading axis by batch_sharding.
+  label i32 [B], and question i32 [B, L], question_mask bool [B, L], answer i32 [B] when
+  config.data.inputs asks for them (see `local_train_batches`); B = config.batch_size,
+  sharded over the leading axis by batch_sharding.
   """
   sharding = _leading_axis_sharding(batch_sharding)
   batches = ({k: jax.make_array_from_process_local_data(sharding, v) for k, v in b.items()}
@@ -545,30 +691,58 @@ def eval_batches(config: Any, split: str, tokenizer: tokenizer_lib.Tokenizer,
 
   Keys: image f32 [B, S, S, 3], captions i32 [B, K, L], captions_mask bool [B, K, L],
   label i32 [B] and num_objects i32 [B] (when the dataset has them), and _valid bool [B].
-  The last batch is padded (with _valid False) to batch_size, and with several processes
-  every process yields the same number of batches. keep_if={'feature': value} keeps the
-  examples whose scalar feature equals value.
+  Datasets with question-answer pairs add questions i32 [B, Q, L], questions_mask bool
+  [B, Q, L] and answers i32 [B, Q] (index in `answer_vocab`, -1 outside it); datasets with
+  `objects` add object_colour, object_shape, object_size i32 [B, 2] (those it has: ClassLabel
+  indices of the first two objects, -1 where there is no such object).
+  The last batch is padded (with zeros and _valid False) to batch_size, and with several
+  processes every process yields the same number of batches. keep_if={'feature': value}
+  keeps the examples whose scalar feature equals value.
   """
   builder = get_builder(config.data)
   _check_features(builder)
   keep_if = dict(keep_if or {})
   predicate = _keep_if_predicate(builder, keep_if)
   extra = [k for k in ('label', 'num_objects') if k in builder.info.features]
+  read = ['image', 'captions', *extra, *keep_if]
+  answer_table = None
+  if _num_questions(builder):
+    read += ['questions', 'answers']
+    answer_table = _answer_table(config)
+  attributes = _object_attributes(builder)
+  if attributes:
+    read.append('objects')
   splits = tfds.even_splits(split, n=jax.process_count())
   num_batches = 0   # with one process the data's own end is everyone's end
   if len(splits) > 1:
     num_batches = max(math.ceil(_count(builder, s, keep_if) / batch_size) for s in splits)
   size, max_len = config.data.image_size, config.tokenizer.max_len
 
+  def standardize(ex: dict[str, Any]) -> dict[str, Any]:
+    out = {**ex, 'captions': tf.reshape(ex['captions'], [-1])}          # [K] strings
+    if answer_table is not None:
+      out['questions'] = tf.reshape(ex['questions'], [-1])              # [Q] strings
+      out['answers'] = answer_table.lookup(tf.reshape(ex['answers'], [-1]))
+    if attributes:
+      objects = out.pop('objects')           # a dict of [num_objects] ClassLabel indices
+      for name in attributes:
+        first = tf.cast(objects[name][:_EVAL_OBJECTS], tf.int32)
+        first = tf.pad(first, [[0, _EVAL_OBJECTS - tf.shape(first)[0]]], constant_values=-1)
+        out[f'object_{name}'] = tf.ensure_shape(first, [_EVAL_OBJECTS])
+    return out
+
+  passed = ((['questions', 'answers'] if answer_table is not None else [])
+            + [f'object_{name}' for name in attributes])    # kept as they are by `prepare`
+
   def prepare(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     out = {'image': preprocess.normalize(preprocess.to_unit_range(batch['image'])),
            'captions': batch['captions']}
     out.update({k: tf.cast(batch[k], tf.int32) for k in extra})
+    out.update({k: batch[k] for k in passed})
     return out
 
-  ds = _read(builder, splits[jax.process_index()], ['image', 'captions', *extra, *keep_if])
-  ds = ds.filter(predicate).map(
-      lambda ex: {**ex, 'captions': tf.reshape(ex['captions'], [-1])})   # [K] strings
+  ds = _read(builder, splits[jax.process_index()], read)
+  ds = ds.filter(predicate).map(standardize)
   ds = _decoded_batches(ds, builder, size, batch_size).map(prepare)
   ds = _deterministic(ds.prefetch(tf.data.AUTOTUNE))
   # A batch of no examples, the template of the all-padding batches.
@@ -576,6 +750,9 @@ def eval_batches(config: Any, split: str, tokenizer: tokenizer_lib.Tokenizer,
            for k, v in ds.element_spec.items()}
   batches = _tokenize_on_host(itertools.chain([empty], ds.as_numpy_iterator()), 'captions',
                               ('captions', 'captions_mask'), tokenizer, max_len)
+  if answer_table is not None:
+    batches = _tokenize_on_host(batches, 'questions', ('questions', 'questions_mask'),
+                                tokenizer, max_len)
   return _padded(batches, batch_size, num_batches)
 
 

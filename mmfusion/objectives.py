@@ -1,12 +1,15 @@
 """Training objectives, looked up by name from `config.objectives`.
 
 Each objective is `fn(outputs, batch, **kwargs) -> (scalar loss, metrics dict)`; the trainer
-sums `weight * loss`. New objectives register here and need no change to the trainer.
+sums `weight * loss`, the weight optionally ramped up linearly over the first `ramp_steps`
+steps. New objectives register here and need no change to the trainer.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
 from typing import Any, Callable, Mapping
 
 import jax
@@ -24,14 +27,17 @@ class Objective:
   fn: Callable[..., tuple[jax.Array, Metrics]]
   needs_outputs: tuple[str, ...]       # paths into the model output, e.g. 'embeddings/image'
   needs_batch: tuple[str, ...]         # batch keys
+  head: str = ''                       # the config setting that makes the model produce them
 
 
 REGISTRY: dict[str, Objective] = {}
 
 
-def register(name: str, *, needs_outputs=(), needs_batch=()):
+def register(name: str, *, needs_outputs=(), needs_batch=(), head=''):
+  """`head`: the config setting that gives the model what this objective reads, named in
+  the error when it is missing."""
   def wrap(fn):
-    REGISTRY[name] = Objective(fn, tuple(needs_outputs), tuple(needs_batch))
+    REGISTRY[name] = Objective(fn, tuple(needs_outputs), tuple(needs_batch), head)
     return fn
   return wrap
 
@@ -298,7 +304,8 @@ def _ring_sums_bwd(axes, chunk, residuals, cotangents):
 _ring_sums.defvjp(_ring_sums_fwd, _ring_sums_bwd)
 
 
-@register('classification', needs_outputs=('logits',), needs_batch=('label',))
+@register('classification', needs_outputs=('logits',), needs_batch=('label',),
+          head='config.model.head.num_classes')
 def classification(outputs, batch, label_smoothing=0.0):
   """Softmax cross-entropy of the classification head against `batch['label']`."""
   logits_bc = outputs['logits'].astype(jnp.float32)
@@ -311,22 +318,141 @@ def classification(outputs, batch, label_smoothing=0.0):
   }
 
 
-def _split_cfg(cfg: Mapping[str, Any]) -> tuple[float, dict[str, Any]]:
+def _token_losses(logits_blv, targets_bl, weights_bl, label_smoothing=0.0):
+  """Per-token cross-entropy, weighted means over the tokens with weight > 0.
+
+  Returns (loss, nll, accuracy, total weight): loss with `label_smoothing` (the smoothed target
+  puts label_smoothing / V on every class), nll without it (what perplexity is of); both are
+  sum(weights * ce) / max(sum(weights), 1), so a batch with nothing to score gives 0, not NaN.
+  """
+  logp_blv = jax.nn.log_softmax(logits_blv.astype(jnp.float32), axis=-1)
+  nll_bl = -jnp.take_along_axis(logp_blv, targets_bl[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  # optax.smooth_labels' target as a sum: (1 - s) * nll + s * mean_v(-log p); no [B, L, V] one-hot.
+  ce_bl = (1.0 - label_smoothing) * nll_bl - label_smoothing * jnp.mean(logp_blv, axis=-1)
+  weights_bl = weights_bl.astype(jnp.float32)
+  total = jnp.sum(weights_bl)
+  denominator = jnp.maximum(total, 1.0)
+  correct_bl = (jnp.argmax(logp_blv, axis=-1) == targets_bl).astype(jnp.float32)
+  return (jnp.sum(weights_bl * ce_bl) / denominator, jnp.sum(weights_bl * nll_bl) / denominator,
+          jnp.sum(weights_bl * correct_bl) / denominator, total)
+
+
+@register('itm', needs_outputs=('itm/logits', 'itm/labels'),
+          head='config.model.heads.itm (with config.model.fusion.strategy)')
+def itm(outputs, batch):
+  """Image-text matching: 2-way softmax cross-entropy (0 no match, 1 match) over the pairs the
+  model scored (in training: the positives and ALBEF's in-batch hard negatives).
+
+  positive_accuracy and negative_accuracy are over the pairs of that label (0 with none: e.g.
+  negative_accuracy in evaluation, where only positives are scored).
+  """
+  del batch
+  logits_n2 = outputs['itm']['logits'].astype(jnp.float32)
+  labels_n = outputs['itm']['labels']
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits_n2, labels_n).mean()
+  correct_n = (jnp.argmax(logits_n2, axis=-1) == labels_n).astype(jnp.float32)
+  positive_n = (labels_n == 1).astype(jnp.float32)
+  negative_n = 1.0 - positive_n
+  return loss, {
+      'loss': loss,
+      'accuracy': correct_n.mean(),
+      'positive_accuracy': jnp.sum(correct_n * positive_n) / jnp.maximum(positive_n.sum(), 1.0),
+      'negative_accuracy': jnp.sum(correct_n * negative_n) / jnp.maximum(negative_n.sum(), 1.0),
+  }
+
+
+@register('mlm', needs_outputs=('mlm/logits', 'mlm/targets', 'mlm/weights'),
+          head='config.model.heads.mlm (with config.model.fusion.strategy)')
+def mlm(outputs, batch):
+  """Masked language modelling: cross-entropy at the masked positions (weights 1), averaged
+  over them. num_masked is the mean number of scored tokens per text."""
+  del batch
+  out = outputs['mlm']
+  loss, _, accuracy, total = _token_losses(out['logits'], out['targets'], out['weights'])
+  return loss, {
+      'loss': loss,
+      'accuracy': accuracy,
+      'num_masked': total / out['weights'].shape[0],
+  }
+
+
+@register('captioning', needs_outputs=('caption/logits', 'caption/targets', 'caption/weights'),
+          head='config.model.decoder.depth')
+def captioning(outputs, batch, label_smoothing=0.0):
+  """Teacher-forced next-token cross-entropy of the caption decoder, averaged over the target
+  tokens (weights = the text mask, EOS included). perplexity = exp(the unsmoothed NLL)."""
+  del batch
+  out = outputs['caption']
+  loss, nll, accuracy, _ = _token_losses(out['logits'], out['targets'], out['weights'],
+                                         label_smoothing)
+  return loss, {
+      'loss': loss,
+      'accuracy': accuracy,
+      'perplexity': jnp.exp(nll),
+  }
+
+
+@register('vqa', needs_outputs=('vqa/logits',), needs_batch=('answer',),
+          head='config.model.heads.vqa_answers (with config.model.fusion.strategy)')
+def vqa(outputs, batch):
+  """VQA as classification over the answer vocabulary: cross-entropy against batch['answer'].
+
+  Answers outside the vocabulary are -1 (any negative): those rows are left out of the loss
+  and the accuracy, and counted in `unknown_answers` (rows of this batch).
+  """
+  logits_ba = outputs['vqa']['logits'].astype(jnp.float32)
+  answer_b = batch['answer'].astype(jnp.int32)
+  known_b = answer_b >= 0
+  weights_b = known_b.astype(jnp.float32)
+  # -1 would index out of range in the loss: any valid class, then weighted out.
+  ce_b = optax.softmax_cross_entropy_with_integer_labels(logits_ba, jnp.where(known_b, answer_b, 0))
+  denominator = jnp.maximum(weights_b.sum(), 1.0)
+  loss = jnp.sum(weights_b * ce_b) / denominator
+  correct_b = (jnp.argmax(logits_ba, axis=-1) == answer_b).astype(jnp.float32)
+  return loss, {
+      'loss': loss,
+      'accuracy': jnp.sum(weights_b * correct_b) / denominator,
+      'unknown_answers': jnp.sum(1.0 - weights_b),
+  }
+
+
+# Keys of an objective's config that are the trainer's, not the objective function's.
+SCHEDULE_KEYS = ('weight', 'ramp_steps')
+
+
+def _split_cfg(cfg: Mapping[str, Any]) -> tuple[float, int, dict[str, Any]]:
+  """(weight, ramp_steps, the objective's kwargs) of one objective's config."""
   cfg = dict(cfg)
   weight = cfg.pop('weight', 1.0)
-  return weight, cfg
+  ramp_steps = cfg.pop('ramp_steps', 0)
+  return weight, ramp_steps, cfg
 
 
-def total_loss(objectives_config: Mapping[str, Mapping[str, Any]], outputs, batch,
+def effective_weight(weight: float, ramp_steps: int, step=None) -> jax.Array:
+  """weight * min(1, step / ramp_steps): a linear ramp from 0 at step 0 to `weight` at
+  `ramp_steps`, constant after; ramp_steps 0 or step None (outside training) -> `weight`.
+
+  `step` may be a traced integer (the train state's step), so this is jnp arithmetic.
+  """
+  if step is None or not ramp_steps:
+    return jnp.asarray(weight, jnp.float32)
+  ramp = jnp.clip(jnp.asarray(step, jnp.float32) / ramp_steps, 0.0, 1.0)
+  return weight * ramp
+
+
+def total_loss(objectives_config: Mapping[str, Mapping[str, Any]], outputs, batch, step=None,
                ) -> tuple[jax.Array, Metrics]:
-  """Weighted sum of the configured objectives; metrics are keyed '<name>/<metric>'."""
+  """Weighted sum of the configured objectives; metrics are keyed '<name>/<metric>', with
+  '<name>/weight' the weight applied at `step` (see `effective_weight`)."""
   total = jnp.zeros((), jnp.float32)
   metrics: Metrics = {}
   for name, cfg in objectives_config.items():
-    weight, kwargs = _split_cfg(cfg)
+    weight, ramp_steps, kwargs = _split_cfg(cfg)
     loss, ms = REGISTRY[name].fn(outputs, batch, **kwargs)
+    weight = effective_weight(weight, ramp_steps, step)
     total = total + weight * loss
     metrics.update({f'{name}/{k}': v for k, v in ms.items()})
+    metrics[f'{name}/weight'] = weight
   metrics['loss'] = total
   return total, metrics
 
@@ -348,15 +474,22 @@ def check(objectives_config, abstract_outputs, batch_keys) -> None:
   for name, cfg in objectives_config.items():
     if name not in REGISTRY:
       raise ValueError(f'config.objectives.{name}: unknown objective; known: {sorted(REGISTRY)}.')
-    weight, _ = _split_cfg(cfg)
-    if weight < 0:
-      raise ValueError(f'config.objectives.{name}.weight = {weight}: must be >= 0.')
+    weight, ramp_steps, _ = _split_cfg(cfg)
+    # bool is a number to Python, never a weight or a step count in a config.
+    if (not isinstance(weight, numbers.Real) or isinstance(weight, bool)
+        or not math.isfinite(weight) or weight < 0):
+      raise ValueError(f'config.objectives.{name}.weight = {weight!r}: must be a number >= 0.')
+    if (not isinstance(ramp_steps, numbers.Integral) or isinstance(ramp_steps, bool)
+        or ramp_steps < 0):
+      raise ValueError(f'config.objectives.{name}.ramp_steps = {ramp_steps!r}: must be an '
+                       'integer >= 0 (steps of linear ramp-up of the weight; 0: constant).')
     obj = REGISTRY[name]
     missing = [p for p in obj.needs_outputs if not _has_path(abstract_outputs, p)]
     if missing:
+      where = (f'its head is set by {obj.head}' if obj.head else 'check config.model')
       raise ValueError(f'config.objectives.{name} needs model outputs {missing}, which the '
-                       'model does not produce (check config.model, e.g. model.head.num_classes '
-                       'for classification, and the modalities in the batch).')
+                       f'model does not produce: {where}; the batch must also hold the inputs '
+                       f'(config.data.inputs).')
     missing = [k for k in obj.needs_batch if k not in batch_keys]
     if missing:
       raise ValueError(f'config.objectives.{name} needs batch keys {missing}; the batch has '

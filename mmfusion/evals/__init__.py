@@ -1,4 +1,5 @@
-"""Evaluators by type: zero-shot classification, retrieval recall@k, head classification.
+"""Evaluators by type: zero-shot classification, retrieval recall@k (optionally ITM re-ranked),
+head classification, VQA accuracy, captioning (BLEU-4 and attribute accuracy).
 
 `build(name, config.evals[name], ...)` checks the entry and returns an object whose
 `run(params)` yields (metric_name, float) pairs; the trainer logs them as f'{name}/{metric}'.
@@ -8,8 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from mmfusion.evals import common
+from mmfusion.evals.captioning import Captioning
 from mmfusion.evals.classification import Classification
 from mmfusion.evals.retrieval import Retrieval
+from mmfusion.evals.vqa import VQA
 from mmfusion.evals.zeroshot import ZeroShot
 
 Evaluator = common.Evaluator
@@ -18,6 +21,8 @@ REGISTRY: dict[str, type[common.Evaluator]] = {
     'zeroshot': ZeroShot,
     'retrieval': Retrieval,
     'classification': Classification,
+    'vqa': VQA,
+    'captioning': Captioning,
 }
 
 

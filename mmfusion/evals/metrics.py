@@ -122,3 +122,45 @@ def _check_pred_label(pred: np.ndarray, label: np.ndarray,
       raise ValueError(f'{what} has class ids in [{x.min()}, {x.max()}], outside '
                        f'[0, {num_classes}).')
   return pred.astype(np.int64), label.astype(np.int64)
+
+
+def bleu(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]],
+         max_n: int = 4) -> float:
+  """Corpus BLEU-`max_n` (Papineni et al. 2002) of tokenised hypotheses, each against its list
+  of tokenised references: clipped n-gram precisions summed over the corpus, their geometric
+  mean (uniform weights), times the brevity penalty with the closest reference length.
+  No smoothing: a corpus with no matching n-gram of some order scores 0, as in the standard.
+  """
+  if len(hypotheses) != len(references):
+    raise ValueError(f'{len(hypotheses)} hypotheses but {len(references)} reference lists.')
+  if not hypotheses:
+    raise ValueError('bleu of an empty corpus.')
+  matches, totals = np.zeros(max_n), np.zeros(max_n)
+  hyp_len = ref_len = 0
+  for hyp, refs in zip(hypotheses, references):
+    if not refs:
+      raise ValueError('every hypothesis needs at least one reference.')
+    hyp_len += len(hyp)
+    # Closest reference length; the shorter one on a tie (as sacrebleu / multi-bleu).
+    ref_len += min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]
+    for n in range(1, max_n + 1):
+      counts = _ngrams(hyp, n)
+      max_ref = {}
+      for ref in refs:
+        for gram, c in _ngrams(ref, n).items():
+          max_ref[gram] = max(max_ref.get(gram, 0), c)
+      matches[n - 1] += sum(min(c, max_ref.get(gram, 0)) for gram, c in counts.items())
+      totals[n - 1] += max(len(hyp) - n + 1, 0)
+  if np.any(matches == 0):
+    return 0.0
+  log_precision = np.mean(np.log(matches / totals))
+  brevity = 1.0 if hyp_len > ref_len else float(np.exp(1 - ref_len / max(hyp_len, 1)))
+  return float(brevity * np.exp(log_precision))
+
+
+def _ngrams(tokens: Sequence[str], n: int) -> dict[tuple[str, ...], int]:
+  counts: dict[tuple[str, ...], int] = {}
+  for i in range(len(tokens) - n + 1):
+    gram = tuple(tokens[i:i + n])
+    counts[gram] = counts.get(gram, 0) + 1
+  return counts

@@ -1,0 +1,56 @@
+"""Visual question answering as classification over the answer vocabulary: the model's VQA head
+on (image, question) pairs, scored against the dataset's answers.
+
+Each eval example carries Q questions ('questions' [B,Q,L], 'answers' [B,Q], -1 = an answer
+outside the vocabulary, which counts as wrong). The image tower runs once per image and the
+text tower once per question; the fusion and head run per pair.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from mmfusion.evals import common
+
+
+class VQA(common.Evaluator):
+  """Yields accuracy (all questions), accuracy_q<i> (the i-th question of every example: one
+  question type each in the embedded dataset), unknown_answers and num_questions."""
+  TYPE = 'vqa'
+  OPTIONS = dict(common.Evaluator.OPTIONS)
+
+  def __init__(self, name: str, **kwargs: Any):
+    super().__init__(name, **kwargs)
+    if not self.config.model.heads.vqa_answers:
+      raise self.error('type vqa needs a VQA head: set config.model.heads.vqa_answers '
+                       '(-1: the dataset\'s answer vocabulary) and config.model.fusion.strategy.')
+    self._predict = self.jit(self._answers)
+
+  def _answers(self, params: common.Params, batch: common.Batch) -> dict[str, Any]:
+    variables = {'params': params}
+    b, q, length = batch['questions'].shape
+    questions_mask = batch['questions_mask'].reshape(b * q, length)
+    image = self.model.apply(variables, {'image': batch['image']})
+    question = self.model.apply(variables, {'text': batch['questions'].reshape(b * q, length),
+                                            'text_mask': questions_mask})
+    repeat = lambda x: jnp.repeat(x, q, axis=0)     # image i for each of its q questions
+    logits = self.model.apply(
+        variables, repeat(image['tokens']['image']), repeat(image['pooled']['image']),
+        question['tokens']['text'], question['pooled']['text'], questions_mask,
+        method=type(self.model).answer_logits)
+    return {'pred': jnp.argmax(logits, axis=-1).reshape(b, q), 'answers': batch['answers']}
+
+  def run(self, params: common.Params) -> Iterator[tuple[str, float]]:
+    rows = self.collect(lambda batch: self._predict(params, batch))
+    num_examples = len(rows.get('answers', ()))
+    common.check_not_empty(self, num_examples)
+    pred, answers = np.asarray(rows['pred']), np.asarray(rows['answers'])
+    correct = (pred == answers) & (answers >= 0)
+    yield 'accuracy', float(correct.mean())
+    for i in range(answers.shape[1]):
+      yield f'accuracy_q{i}', float(correct[:, i].mean())
+    yield 'unknown_answers', float((answers < 0).mean())
+    yield 'num_questions', float(answers.size)

@@ -47,6 +47,21 @@ def base() -> ConfigDict:
       temperature_max=100.0,              # CLIP's clamp
       bias_init=0.0,                      # SigLIP uses -10
       head=dict(num_classes=0, input='image'),   # 0 -> no classification head
+      # Fused image-text features (models/fusion.py): strategy '' (none) | 'cross_attention' |
+      # 'co_attention' | 'early' | 'bottleneck' | 'weighted_sum' | 'late'. query/context: who
+      # cross-attends to whom (cross_attention); start_layer: the first fusion layer with
+      # cross-attention (cross_attention) or bottleneck exchange (bottleneck); gate: 'weights'
+      # | 'gates' (weighted_sum).
+      fusion=dict(strategy='', width=96, depth=2, num_heads=4, mlp_dim=384, query='text',
+                  context='image', start_layer=0, num_bottleneck=4, gate='weights',
+                  dropout=0.0),
+      # Heads on the fused features: image-text match, masked LM, VQA over vocab_answers
+      # answers (-1: the dataset's answer vocabulary). late_combine: how 'late' fusion mixes
+      # its per-modality logits ('mean' | 'learned').
+      heads=dict(itm=False, mlm=False, vqa_answers=0, late_combine='learned'),
+      # Caption decoder (CoCa-style), cross-attending to the image tokens; depth 0 -> none.
+      # max_len: the longest caption it writes (tokens, EOS included).
+      decoder=dict(depth=0, width=96, mlp_dim=384, num_heads=4, dropout=0.0, max_len=16),
       # Speed and memory; none changes the maths. attention: 'auto' = cuDNN flash attention on
       # GPU in 16-bit, XLA elsewhere | 'xla' | 'cudnn' | 'explicit'. remat: 'none' | 'full' |
       # 'save_dots' | 'named' (keeps the activations named in remat_save, see models/layers.py).

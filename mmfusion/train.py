@@ -50,6 +50,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(config.to_dict())
   if config.model.head.num_classes == -1:
     config.model.head.num_classes = len(pipeline.class_names(config))
+  if config.model.heads.vqa_answers == -1:
+    config.model.heads.vqa_answers = len(pipeline.answer_vocab(config))
   config.lock()
   return config
 
@@ -80,6 +82,23 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_granules: 
        f'{dict(zip(sharding.MESH_AXES, shape))}).')
   for name, cfg in config.evals.items():
     need(int(cfg.get('every', 0)) >= 0, f'config.evals.{name}.every must be >= 0.')
+  fusion = config.model.fusion
+  if fusion.strategy:
+    # The modalities a batch can bring to the fusion: the image, and text as captions or
+    # questions.
+    present = sorted({'image'} & set(config.data.inputs)
+                     | ({'text'} if {'text', 'question'} & set(config.data.inputs) else set()))
+    for key in ('query', 'context') if fusion.strategy == 'cross_attention' else ():
+      need(fusion[key] in present,
+           f'config.model.fusion.{key} = {fusion[key]!r} names a modality the batch lacks: '
+           f'config.data.inputs = {tuple(config.data.inputs)} brings {present}.')
+    need(len(present) >= 2,
+         f'config.model.fusion.strategy = {fusion.strategy!r} fuses image and text, but '
+         f'config.data.inputs = {tuple(config.data.inputs)} brings only {present}.')
+  if config.model.decoder.depth:
+    need(config.model.decoder.max_len >= config.tokenizer.max_len,
+         f'config.model.decoder.max_len = {config.model.decoder.max_len} must be >= '
+         f'config.tokenizer.max_len = {config.tokenizer.max_len} (the captions it learns from).')
   if config.init_from.path:
     ckpt_lib.find_step_dir(config.init_from.path)   # fails early with the path in the message
 
@@ -92,6 +111,9 @@ def init_batch(config: ml_collections.ConfigDict, batch: int = 2) -> dict[str, j
       'text': jax.ShapeDtypeStruct((batch, l), jnp.int32),
       'text_mask': jax.ShapeDtypeStruct((batch, l), jnp.bool_),
       'label': jax.ShapeDtypeStruct((batch,), jnp.int32),
+      'question': jax.ShapeDtypeStruct((batch, l), jnp.int32),
+      'question_mask': jax.ShapeDtypeStruct((batch, l), jnp.bool_),
+      'answer': jax.ShapeDtypeStruct((batch,), jnp.int32),
   }
   unknown = set(config.data.inputs) - set(known)
   if unknown:
@@ -205,10 +227,13 @@ class TrainProgram:
 
   def _step(self, state: TrainState, batch: dict[str, jax.Array]):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    # 'dropout' keeps the step's key itself (as before the other streams existed).
+    rngs = {name: jax.random.fold_in(rng, i) if i else rng
+            for i, name in enumerate(model_lib.RNG_STREAMS)}
 
     def loss_fn(params):
-      out = self.model.apply({'params': params}, batch, train=True, rngs={'dropout': rng})
-      return objectives.total_loss(self.config.objectives, out, batch)
+      out = self.model.apply({'params': params}, batch, train=True, rngs=rngs)
+      return objectives.total_loss(self.config.objectives, out, batch, step=state.step)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)

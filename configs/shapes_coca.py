@@ -1,0 +1,30 @@
+r"""CoCa-style pretraining: contrastive towers plus a caption decoder that cross-attends to the
+image tokens, trained together (caption loss weight 2, as in CoCa).
+
+  python -m mmfusion.main --config configs/shapes_coca.py --workdir workdirs/shapes_coca
+
+Argument: `configs/shapes_coca.py:smoke` runs 20 steps on the tiny dataset.
+Captions are written greedily (`captioning`) and with beam search (`captioning_beam`, at the
+end), both with a key/value cache, and scored on the test split with BLEU-4 against the five
+reference captions and with the accuracy of their colour / shape / size words.
+
+RESULTS
+"""
+from mmfusion import config as mmf_config
+
+
+def get_config(arg=None):
+  arg = mmf_config.parse_arg(arg, smoke=False)
+  config = mmf_config.base()
+  config.model.decoder.update(depth=2, width=96, mlp_dim=384, num_heads=4)
+  config.objectives = {
+      'softmax_contrastive': dict(weight=1.0),
+      'captioning': dict(weight=2.0),
+  }
+  config.evals.captioning = dict(type='captioning', every=500, split='test', batch_size=256,
+                                 keep_if={}, decode='greedy')
+  config.evals.captioning_beam = dict(type='captioning', every=0, split='test',
+                                      batch_size=256, keep_if={}, decode='beam', beam_size=4)
+  if arg.smoke:
+    mmf_config.smoke(config)
+  return mmf_config.lock(config)

@@ -1,0 +1,153 @@
+"""The model with fusion heads and a caption decoder, inside the real train step: output layout,
+objective weights, and start-up errors that name what to change."""
+import jax
+import numpy as np
+import pytest
+
+from mmfusion import config as config_lib
+from mmfusion import sharding
+from mmfusion import train
+
+VOCAB = 40
+
+
+def fused_config(objectives, **model):
+  config = config_lib.base()
+  config.batch_size = 8
+  config.data.image_size = 16
+  config.data.inputs = ('image', 'text', 'text_mask', 'question', 'question_mask', 'answer')
+  config.tokenizer.max_len = 8
+  config.model.embed_dim = 16
+  config.model.image.update(patch_size=8, width=16, depth=1, mlp_dim=32, num_heads=2)
+  config.model.text.update(width=16, depth=1, mlp_dim=32, num_heads=2, causal=False, pool='cls')
+  config.model.fusion.update(strategy='cross_attention', width=16, depth=2, num_heads=2,
+                             mlp_dim=32)
+  config.model.decoder.update(width=16, mlp_dim=32, num_heads=2, max_len=8)
+  config.model.attention = 'xla'
+  for key, value in model.items():
+    node = config.model
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  config.objectives = objectives
+  config.optim.warmup_steps = 0
+  config.evals = {}
+  return config_lib.lock(config)
+
+
+def batch_for(config, seed=0):
+  rng = np.random.default_rng(seed)
+  b, s, l = config.batch_size, config.data.image_size, config.tokenizer.max_len
+
+  def texts():
+    lengths = rng.integers(3, l + 1, b)
+    mask = np.arange(l)[None] < lengths[:, None]
+    ids = np.where(mask, rng.integers(4, VOCAB, (b, l)), 0)
+    ids[np.arange(b), lengths - 1] = 3
+    return ids.astype(np.int32), mask
+  text, text_mask = texts()
+  question, question_mask = texts()
+  return {'image': rng.normal(size=(b, s, s, 3)).astype(np.float32), 'text': text,
+          'text_mask': text_mask, 'question': question, 'question_mask': question_mask,
+          'answer': rng.integers(0, 5, b).astype(np.int32)}
+
+
+def program_for(config):
+  mesh = sharding.make_mesh({'data': -1}, devices=jax.devices()[:1])
+  return train.TrainProgram(config, VOCAB, mesh)
+
+
+ALL = {'softmax_contrastive': dict(weight=1.0), 'itm': dict(weight=1.0),
+       'mlm': dict(weight=1.0), 'vqa': dict(weight=1.0), 'captioning': dict(weight=1.0)}
+ALL_HEADS = {'heads.itm': True, 'heads.mlm': True, 'heads.vqa_answers': 5, 'decoder.depth': 1}
+
+
+def test_every_fused_output_has_its_layout():
+  config = fused_config(ALL, **ALL_HEADS)
+  program = program_for(config)
+  params = program.init_state(0).params
+  assert {'fusion', 'itm_head', 'vqa_head', 'mlm_head', 'caption_decoder'} <= set(params)
+  assert params['text']['token_embedding']['embedding'].shape[0] == VOCAB + 1   # + [MASK]
+  batch = batch_for(config)
+  rngs = {'dropout': jax.random.key(1), 'sample': jax.random.key(2), 'mask': jax.random.key(3)}
+  out = program.model.apply({'params': params}, batch, train=True, rngs=rngs)
+  b, l = batch['text'].shape
+  assert out['itm']['logits'].shape == (3 * b, 2)
+  np.testing.assert_array_equal(out['itm']['labels'], [1] * b + [0] * (2 * b))
+  assert out['mlm']['logits'].shape == (b, l, VOCAB)
+  weights = np.asarray(out['mlm']['weights'])
+  assert weights.sum() >= b and np.all(weights <= batch['text_mask'])   # only real tokens masked
+  assert out['vqa']['logits'].shape == (b, 5)
+  assert out['caption']['logits'].shape == (b, l, VOCAB)
+  np.testing.assert_array_equal(out['caption']['targets'], batch['text'])
+  # Evaluation mode: positives only, nothing masked.
+  out = program.model.apply({'params': params}, batch)
+  assert out['itm']['logits'].shape == (b, 2) and float(out['mlm']['weights'].sum()) == 0.0
+
+
+def test_a_zero_weight_leaves_its_head_unchanged():
+  """itm at weight 0: its head gets no gradient (and no weight decay: zero-init kernels and
+  biases stay exactly 0); the heads of the weighted objectives move."""
+  objectives = dict(ALL, itm=dict(weight=0.0))
+  config = fused_config(objectives, **ALL_HEADS)
+  program = program_for(config)
+  state = program.init_state(0)
+  before = jax.tree.map(np.asarray, state.params)
+  state, metrics = program.train_step(state, program_batch(program, config))
+  after = jax.tree.map(np.asarray, state.params)
+  for leaf_before, leaf_after in zip(jax.tree.leaves(before['itm_head']),
+                                     jax.tree.leaves(after['itm_head'])):
+    np.testing.assert_array_equal(leaf_after, leaf_before)
+  for head in ('vqa_head', 'mlm_head', 'caption_decoder'):
+    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[head]),
+                                                      jax.tree.leaves(after[head]))]
+    assert any(moved), head
+  assert float(metrics['itm/weight']) == 0.0 and np.isfinite(float(metrics['loss']))
+
+
+def program_batch(program, config):
+  batch = batch_for(config)
+  return jax.device_put(batch, program.batch_sharding)
+
+
+def test_ramped_weight_grows_with_the_step():
+  config = fused_config({'softmax_contrastive': dict(weight=1.0),
+                         'captioning': dict(weight=2.0, ramp_steps=4)}, **{'decoder.depth': 1})
+  program = program_for(config)
+  state = program.init_state(0)
+  weights = []
+  for _ in range(3):
+    state, metrics = program.train_step(state, program_batch(program, config))
+    weights.append(float(metrics['captioning/weight']))
+  assert weights == pytest.approx([0.0, 0.5, 1.0])
+
+
+@pytest.mark.parametrize('objectives, model, message', [
+    ({'itm': dict(weight=1.0)}, {},
+     r"config.objectives.itm needs model outputs \['itm/logits', 'itm/labels'\], which the model "
+     r'does not produce: its head is set by config.model.heads.itm'),
+    ({'captioning': dict(weight=1.0)}, {},
+     r'config.objectives.captioning needs .* its head is set by config.model.decoder.depth'),
+    ({'vqa': dict(weight=1.0)}, {'fusion.strategy': ''},
+     r'config.model.heads asks for ITM, MLM or VQA.*fusion.strategy is empty'),
+])
+def test_an_objective_without_its_head_fails_naming_both(objectives, model, message):
+  heads = {'heads.vqa_answers': 5} if 'vqa' in objectives else {}
+  with pytest.raises(ValueError, match=message):
+    program_for(fused_config(objectives, **heads, **model))
+
+
+def test_a_fusion_modality_the_batch_lacks_fails_naming_both():
+  config = fused_config({'softmax_contrastive': dict(weight=1.0)},
+                        **{'fusion.query': 'audio'})
+  with pytest.raises(ValueError, match=r"config.model.fusion.query = 'audio' names a modality "
+                                       r"the batch lacks: config.data.inputs = .* brings "
+                                       r"\['image', 'text'\]"):
+    train.validate(config, num_devices=1)
+  config = fused_config({'softmax_contrastive': dict(weight=1.0)}, **{'fusion.strategy': 'early'})
+  config.unlock()
+  config.data.inputs = ('text', 'text_mask')
+  with pytest.raises(ValueError, match=r"fusion.strategy = 'early' fuses image and "
+                                       r"text, but config.data.inputs = .* brings only \['text'\]"):
+    train.validate(config, num_devices=1)

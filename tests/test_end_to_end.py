@@ -203,3 +203,43 @@ def test_two_processes_train_evaluate_checkpoint_and_resume(tmp_path, data_dir):
   steps = [r['step'] for r in rows if 'loss' in r]
   assert steps == [10, 20, 30], steps              # one writer, and the resumed run went on
   assert sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit())[-1] == 30
+
+
+# The fused configs (ALBEF, CoCa, VQA through fusion), end to end through the CLI on the small
+# dataset: each trains, evaluates with its own evaluators and writes its metrics.
+FUSED = [*RUN, '--config.total_steps=10', '--config.evals.zeroshot.batch_size=128',
+         '--config.evals.retrieval.batch_size=128']
+
+
+def test_albef_trains_itc_itm_mlm_and_reranks_retrieval(tmp_path, data_dir):
+  run = cli('shapes_albef.py', tmp_path, data_dir, *FUSED)
+  assert run.returncode == 0, run.stdout + run.stderr
+  logged = [r for r in metrics(tmp_path) if 'loss' in r][-1]
+  for key in ('softmax_contrastive/loss', 'itm/loss', 'mlm/loss'):
+    assert np.isfinite(logged[key]), logged
+  assert logged['mlm/num_masked'] >= 1.0            # at least one scored token per text
+  final = json.load(open(tmp_path / 'final_metrics.json'))
+  for key in ('i2t_r1', 'i2t_rerank_r1', 't2i_rerank_r10'):
+    assert 0.0 <= final[f'retrieval/{key}'] <= 1.0, final
+  # Re-ranking re-orders the top 8 only: R@10 and above cannot change.
+  assert final['retrieval/i2t_rerank_r10'] == final['retrieval/i2t_r10']
+
+
+def test_coca_writes_captions_greedy_and_beam(tmp_path, data_dir):
+  run = cli('shapes_coca.py', tmp_path, data_dir, *FUSED,
+            '--config.evals.captioning.batch_size=128',
+            '--config.evals.captioning_beam.batch_size=128')
+  assert run.returncode == 0, run.stdout + run.stderr
+  final = json.load(open(tmp_path / 'final_metrics.json'))
+  for decode in ('captioning', 'captioning_beam'):
+    assert final[f'{decode}/num_examples'] == 256      # the whole test split
+    assert 0.0 <= final[f'{decode}/bleu4'] <= 1.0 and final[f'{decode}/mean_length'] > 0
+
+
+def test_vqa_finetunes_through_fusion_from_the_clip_run(pretrained, tmp_path, data_dir):
+  run = cli(f'shapes_vqa.py:strategy=co_attention,init={pretrained},steps=10', tmp_path,
+            data_dir, *RUN, '--config.evals.vqa.batch_size=128')
+  assert run.returncode == 0, run.stdout + run.stderr
+  assert 'initialised' in run.stdout and str(pretrained) in run.stdout, run.stdout
+  final = json.load(open(tmp_path / 'final_metrics.json'))
+  assert final['vqa/num_questions'] == 256 * 5 and 0.0 <= final['vqa/accuracy'] <= 1.0

@@ -6,6 +6,7 @@ import pytest
 from mmfusion.evals import captioning
 from mmfusion.evals import metrics
 from mmfusion.evals import retrieval
+from mmfusion.evals import vqa
 
 
 def test_bleu_hand_case():
@@ -85,3 +86,10 @@ def test_rerank_reorders_only_the_top_k_and_keeps_the_rest_below():
   constant = retrieval._recall_blocks(queries, cands, positive,
                                       rerank=(k, lambda q, c: np.zeros(len(q))))
   assert constant[1:] == pytest.approx(plain[1:])
+
+
+def test_vqa_majority_baseline_hand_case():
+  answers = np.array([[0, 3], [0, 2], [1, 2], [0, -1]])
+  # Slot 0: answer 0 three times of 4; slot 1: answer 2 twice (the -1 is never right).
+  assert vqa.majority_baseline(answers) == (3 + 2) / 8
+  assert vqa.majority_baseline(np.full((2, 1), -1)) == 0.0

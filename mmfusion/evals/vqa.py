@@ -18,7 +18,14 @@ from mmfusion.evals import common
 
 class VQA(common.Evaluator):
   """Yields accuracy (all questions), accuracy_q<i> (the i-th question of every example: one
-  question type each in the embedded dataset), unknown_answers and num_questions."""
+  question type each in the embedded dataset), majority_baseline, unknown_answers and
+  num_questions.
+
+  majority_baseline is what chance means here: the accuracy of a blind answerer that gives,
+  for every i-th question, the answer most frequent among the i-th questions of this split.
+  It never looks at the image, and it knows the split's answer counts, so it is an upper
+  bound for any answerer that reads no image.
+  """
   TYPE = 'vqa'
   OPTIONS = dict(common.Evaluator.OPTIONS)
 
@@ -52,5 +59,16 @@ class VQA(common.Evaluator):
     yield 'accuracy', float(correct.mean())
     for i in range(answers.shape[1]):
       yield f'accuracy_q{i}', float(correct[:, i].mean())
+    yield 'majority_baseline', majority_baseline(answers)
     yield 'unknown_answers', float((answers < 0).mean())
     yield 'num_questions', float(answers.size)
+
+
+def majority_baseline(answers_nq: np.ndarray) -> float:
+  """Accuracy of answering each question slot q with its most frequent known answer
+  (answers [N, Q], -1 = outside the vocabulary, never right)."""
+  right = 0
+  for column in answers_nq.T:
+    known = column[column >= 0]
+    right += np.bincount(known).max() if known.size else 0
+  return float(right / answers_nq.size)

@@ -5,13 +5,27 @@ A bidirectional text tower (cls pooling) feeds both the contrastive loss and a c
 fusion module (text queries image tokens) shared by the ITM head (one hard negative text per
 image and one hard negative image per text, drawn from the contrastive similarities) and the
 MLM head (15% of the text tokens masked 80/10/10). Retrieval is evaluated with the contrastive
-score alone and re-ranked by the ITM head over the top 8 candidates.
+score alone and re-ranked over the top 8 candidates by the ITM logit plus the contrastive logit
+(`rerank_score='itm+contrastive'`, as BLIP; `'itm'` uses the ITM logit alone, as ALBEF).
 
   python -m mmfusion.main --config configs/shapes_albef.py --workdir workdirs/shapes_albef
 
 Argument: `configs/shapes_albef.py:smoke` runs 20 steps on the tiny dataset.
 
-RESULTS
+Result (2-core CPU, 2026-12-01; 18 min 42 s wall for the command above, the cores partly
+shared with other jobs; 1000 steps of 256, about 600 examples/s when alone):
+  validation retrieval (2000 images x 5 captions), R@1 / R@5 / R@10:
+                                      image->text              text->image
+    contrastive only                  0.358 / 0.829 / 0.918    0.242 / 0.647 / 0.816
+    re-ranked, ITM + contrastive      0.408 / 0.839 / 0.918    0.244 / 0.661 / 0.816
+    re-ranked, ITM alone (k=8)        0.405 / 0.834 / 0.918    0.225 / 0.652 / 0.816
+  Re-ranking adds 5.0 points of image->text R@1 and 0.3 of text->image R@1 (1.4 of R@5).
+  Text->image gains little: a caption such as 'a red circle' fits many validation images
+  exactly, and no score can pick the one it was written for among them.
+  zero-shot accuracy 1.000 (959 single-object test images); MLM accuracy on the masked
+  tokens 0.90 and ITM accuracy 0.73 (positives 0.44, hard negatives 0.87) in training.
+  The ITM head sits at the class prior (always 'no match') for the first ~450 steps before
+  it learns; it is the part of this recipe that most wants more steps.
 """
 from mmfusion import config as mmf_config
 

@@ -8,7 +8,15 @@ Captions are written greedily (`captioning`) and with beam search (`captioning_b
 end), both with a key/value cache, and scored on the test split with BLEU-4 against the five
 reference captions and with the accuracy of their colour / shape / size words.
 
-RESULTS
+Result (2-core CPU, 2026-12-01; 9 min 40 s wall for the command above, the cores partly
+shared with other jobs; 1000 steps of 256), on the 2000 test images:
+                       BLEU-4   attribute acc.   colour   shape   size    words
+    greedy             0.817    0.857            0.999    0.859   0.998   7.0
+    beam search (4)    0.841    0.868            0.998    0.869   0.998   8.0
+  attribute accuracy: the caption names a colour and a shape, and every colour, shape and
+  size word it uses is true of an object in the image (per kind: among captions naming one).
+  Contrastive side: zero-shot 1.000; validation image->text R@1/5/10 = 0.478 / 0.919 / 0.963,
+  text->image = 0.310 / 0.716 / 0.836 (the default CLIP run: 0.471 / 0.911 / 0.962).
 """
 from mmfusion import config as mmf_config
 

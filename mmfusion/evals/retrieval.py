@@ -24,8 +24,11 @@ class Retrieval(common.Evaluator):
   """Yields i2t_r{1,5,10}, t2i_r{1,5,10} (fractions), num_images and num_captions.
 
   rerank_k > 0 (needs the model's ITM head): each query's top rerank_k candidates by the
-  contrastive score are re-ordered by the ITM head's match logit (ALBEF), and the recalls of
-  that ranking are yielded too, as i2t_rerank_r{1,5,10} and t2i_rerank_r{1,5,10}.
+  contrastive score are re-ordered, and the recalls of that ranking are yielded too, as
+  i2t_rerank_r{1,5,10} and t2i_rerank_r{1,5,10}. rerank_score says by what: 'itm', the ITM
+  head's match-minus-no-match logit alone (ALBEF), or 'itm+contrastive' (default), that plus
+  the contrastive logit (logit_scale x cosine), as BLIP adds the similarity to the ITM score:
+  both are log-odds, and the sum keeps what each knows.
 
   Captions whose mask is all False are padding (an image with fewer than K captions) and
   take part neither as queries nor as candidates; they are counted out of num_captions.
@@ -33,7 +36,8 @@ class Retrieval(common.Evaluator):
   caption texts under different images share credit rather than each getting it.
   """
   TYPE = 'retrieval'
-  OPTIONS = {**common.Evaluator.OPTIONS, 'rerank_k': 0}
+  OPTIONS = {**common.Evaluator.OPTIONS, 'rerank_k': 0, 'rerank_score': 'itm+contrastive'}
+  RERANK_SCORES = ('itm', 'itm+contrastive')
 
   def __init__(self, name: str, **kwargs: Any):
     super().__init__(name, **kwargs)
@@ -43,6 +47,9 @@ class Retrieval(common.Evaluator):
     if self.rerank_k and not self.config.model.heads.itm:
       raise self.error('rerank_k > 0 re-ranks with the ITM head, but config.model.heads.itm is '
                        'False.')
+    if self.options['rerank_score'] not in self.RERANK_SCORES:
+      raise self.error(f"rerank_score must be one of {self.RERANK_SCORES}, got "
+                       f"{self.options['rerank_score']!r}.")
     self._embed = self.jit(self._embed_batch)
     self._match = self.jit(lambda params, pairs: self.model.apply(
         {'params': params}, *pairs, method=type(self.model).match_logits))
@@ -89,8 +96,14 @@ class Retrieval(common.Evaluator):
       images = (rows['image_tokens'], rows['image_pooled'])
       texts = (rows['text_tokens'][caption_valid], rows['text_pooled'][caption_valid],
                rows['text_mask'][caption_valid])
-      match = lambda image_idx, text_idx: self._match_scores(params, images, texts, image_idx,
-                                                             text_idx)
+      # The contrastive logit of a pair, added to the ITM score for 'itm+contrastive'.
+      scale = 0.0
+      if self.options['rerank_score'] == 'itm+contrastive':
+        scale = float(self.model.apply({'params': params}, {})['logit_scale'])
+
+      def match(image_idx, text_idx):
+        contrastive = scale * np.sum(image[image_idx] * text[text_idx], axis=-1)
+        return self._match_scores(params, images, texts, image_idx, text_idx) + contrastive
       i2t = _recall_blocks(image, text, lambda q: owner[None, :] == q[:, None],
                            rerank=(self.rerank_k, lambda q, c: match(q, c)))
       t2i = _recall_blocks(text, image,
@@ -102,7 +115,6 @@ class Retrieval(common.Evaluator):
         yield f't2i_rerank_r{k}', r
     yield 'num_images', float(num_images)
     yield 'num_captions', float(len(owner))
-
 
   def _match_scores(self, params, images, texts, image_idx: np.ndarray,
                     text_idx: np.ndarray) -> np.ndarray:

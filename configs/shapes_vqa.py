@@ -1,46 +1,71 @@
-r"""VQA on the embedded shapes dataset, through any fusion strategy, fine-tuned from the default
-run's towers.
+r"""VQA on the embedded shapes dataset through any fusion strategy, fine-tuned from the ALBEF run.
 
-The image and the question run through the towers of `configs/shapes_clip.py`'s checkpoint,
-a fusion module (the strategy is the config argument) fuses them, and a head classifies
-over the answer vocabulary (every answer of the train split: colours, shapes, sizes, counts,
-yes / no). One question per image per epoch, drawn at random from its five.
+The image and the question run through the towers of `configs/shapes_albef.py`'s checkpoint
+(a bidirectional text tower, cls pooling, whose vocabulary keeps ALBEF's [MASK] row), a fusion
+module (the strategy is the config argument) fuses them, and a head classifies over the answer
+vocabulary (every answer of the train split: colours, shapes, sizes, counts, yes / no). One
+question per image per epoch, drawn at random from its five.
 
-  python -m mmfusion.main --config configs/shapes_clip.py --workdir workdirs/shapes_clip
-  python -m mmfusion.main --config configs/shapes_vqa.py:strategy=cross_attention --workdir workdirs/vqa_cross_attention
+With strategy=cross_attention the fusion itself comes from the checkpoint too (ALBEF's fusion
+is text-queries-image cross-attention, trained by ITM and MLM), as ALBEF fine-tunes VQA; every
+other strategy starts its fusion at init. `fusion=fresh` starts cross_attention's at init as
+well, which is how the strategies are compared on an equal footing (README, "Fusion").
+
+  python -m mmfusion.main --config configs/shapes_albef.py --workdir workdirs/shapes_albef
+  python -m mmfusion.main --config configs/shapes_vqa.py --workdir workdirs/shapes_vqa
 
 Arguments (comma-separated): `strategy=` cross_attention (default) | co_attention | early |
-bottleneck | weighted_sum | late; `init=PATH` (default workdirs/shapes_clip); `scratch`
-(no pretrained towers); `steps=` (default 600); `smoke` (a few steps on the tiny dataset).
+bottleneck | weighted_sum | late; `fusion=` pretrained (default for cross_attention) | fresh;
+`init=PATH` (default workdirs/shapes_albef); `scratch` (nothing pretrained); `steps=`
+(default 1500); `smoke` (a few steps on the tiny dataset).
 
-RESULTS
+Result (2-core CPU, 2026-12-01; 9 min 39 s wall for the second command above, from the ALBEF
+run's checkpoint): accuracy 0.938 on the 10000 test questions (2000 images x 5), by type:
+colour 0.990, shape 0.963, count 1.000, yes / no (existence, spatial relation) 0.739, size
+0.997; blind majority baseline 0.385. (0.886 at step 600, 0.918 at step 900.)
+The strategies compared, 600 steps each from the same towers with fresh fusion
+(`:strategy=S,fusion=fresh,steps=600`): README, "Fusion and multi-objective pretraining".
 """
 from mmfusion import config as mmf_config
 
 STRATEGIES = ('cross_attention', 'co_attention', 'early', 'bottleneck', 'weighted_sum', 'late')
+# ALBEF's parts that VQA does not use; the checkpoint has them, the model does not.
+_UNUSED = ('itm_head', 'mlm_head')
 
 
 def get_config(arg=None):
-  arg = mmf_config.parse_arg(arg, strategy='cross_attention', init='workdirs/shapes_clip',
-                             scratch=False, steps=600, smoke=False)
+  arg = mmf_config.parse_arg(arg, strategy='cross_attention', fusion='', scratch=False,
+                             init='workdirs/shapes_albef', steps=1500, smoke=False)
   if arg.strategy not in STRATEGIES:
     raise ValueError(f'config argument strategy={arg.strategy!r}; known: {STRATEGIES}.')
+  fusion = arg.fusion or ('pretrained' if arg.strategy == 'cross_attention' else 'fresh')
+  if fusion not in ('pretrained', 'fresh'):
+    raise ValueError(f"config argument fusion={arg.fusion!r}; known: 'pretrained', 'fresh'.")
+  if fusion == 'pretrained' and arg.strategy != 'cross_attention':
+    raise ValueError(f'config argument fusion=pretrained needs strategy=cross_attention (the '
+                     f'fusion of configs/shapes_albef.py); strategy={arg.strategy!r} has none '
+                     'to load: use fusion=fresh.')
+
   config = mmf_config.base()
   config.data.inputs = ('image', 'question', 'question_mask', 'answer')
+  config.model.text.update(causal=False, pool='cls')        # as configs/shapes_albef.py
   config.model.fusion.update(strategy=arg.strategy, depth=2, start_layer=0)
+  # ALBEF's text tower has one more embedding row, its [MASK] token. An MLM head keeps it;
+  # VQA batches carry no captions, so that head never runs and has no params.
+  config.model.heads.mlm = True
   config.model.heads.vqa_answers = -1          # -1: the train split's answer vocabulary
   config.objectives = {'vqa': dict(weight=1.0)}
   config.total_steps = arg.steps
   config.optim.lr = 1e-3
   config.optim.warmup_steps = 50
   config.evals = {
-      'vqa': dict(type='vqa', every=200, split='test', batch_size=256, keep_if={}),
+      'vqa': dict(type='vqa', every=300, split='test', batch_size=256, keep_if={}),
   }
-  config.checkpoint.every = 200
+  config.checkpoint.every = 300
   if not arg.scratch:
     config.init_from.path = arg.init
-    # The towers (and temperature) come from the CLIP run; fusion and head start at init.
-    config.init_from.skip = ('fusion', 'vqa_head')
+    # Towers and temperature from the ALBEF run; the VQA head always starts at init.
+    config.init_from.skip = ('vqa_head',) + _UNUSED + (('fusion',) if fusion == 'fresh' else ())
   if arg.smoke:
     mmf_config.smoke(config)
   return mmf_config.lock(config)

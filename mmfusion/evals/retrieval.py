@@ -53,6 +53,8 @@ class Retrieval(common.Evaluator):
     self._embed = self.jit(self._embed_batch)
     self._match = self.jit(lambda params, pairs: self.model.apply(
         {'params': params}, *pairs, method=type(self.model).match_logits))
+    self._logit_scale = self.jit(
+        lambda params: self.model.apply({'params': params}, {})['logit_scale'])
 
   def _embed_batch(self, params: common.Params, batch: common.Batch) -> dict[str, Any]:
     b, k, length = batch['captions'].shape
@@ -99,7 +101,7 @@ class Retrieval(common.Evaluator):
       # The contrastive logit of a pair, added to the ITM score for 'itm+contrastive'.
       scale = 0.0
       if self.options['rerank_score'] == 'itm+contrastive':
-        scale = float(self.model.apply({'params': params}, {})['logit_scale'])
+        scale = float(sharding.to_host(self._logit_scale(params)))
 
       def match(image_idx, text_idx):
         contrastive = scale * np.sum(image[image_idx] * text[text_idx], axis=-1)

@@ -1,6 +1,6 @@
 r"""Default run: CLIP-style pretraining (softmax contrastive) on the embedded shapes dataset.
 
-A ViT (32 px, patch 4) and a causal text transformer learn a shared embedding from
+A ViT (32 px, patch 8) and a causal text transformer learn a shared embedding from
 rendered images of coloured shapes and their captions. Everything is local: the first run
 renders the dataset and trains the sentencepiece tokenizer (cached in the data dir).
 

@@ -433,8 +433,8 @@ def test_classification_rejects_logits_of_the_wrong_width(pipeline):
 
 @pytest.mark.parametrize('entry, num_classes, match', [
     (dict(type='zero_shot', every=1), 0,
-     r"config.evals.bad: unknown type 'zero_shot'; known types: classification, retrieval, "
-     'zeroshot'),
+     r"config.evals.bad: unknown type 'zero_shot'; known types: captioning, classification, "
+     'retrieval, vqa, zeroshot'),
     (dict(every=1), 0, r'config.evals.bad has no "type"'),
     (dict(type='retrieval', every=1, templates=('a {}.',)), 0,
      r"config.evals.bad: unknown key\(s\) \['templates'\] for type 'retrieval'"),

@@ -24,7 +24,7 @@ setuptools.setup(
         "importlib-resources>=6",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"],
         # Only the open_clip peer of benchmarks/train_step.py; nothing else imports them.
         "bench": ["torch", "open_clip_torch"],
     },

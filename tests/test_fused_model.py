@@ -63,15 +63,23 @@ ALL = {'softmax_contrastive': dict(weight=1.0), 'itm': dict(weight=1.0),
 ALL_HEADS = {'heads.itm': True, 'heads.mlm': True, 'heads.vqa_answers': 5, 'decoder.depth': 1}
 
 
-def test_every_fused_output_has_its_layout():
-  config = fused_config(ALL, **ALL_HEADS)
-  program = program_for(config)
+@pytest.fixture(scope='module')
+def every_head():
+  """Every head and objective, ITM at weight 0 (one program for the two tests below)."""
+  config = fused_config(dict(ALL, itm=dict(weight=0.0)), **ALL_HEADS)
+  return program_for(config), config
+
+
+def test_every_fused_output_has_its_layout(every_head):
+  program, config = every_head
   params = program.init_state(0).params
   assert {'fusion', 'itm_head', 'vqa_head', 'mlm_head', 'caption_decoder'} <= set(params)
   assert params['text']['token_embedding']['embedding'].shape[0] == VOCAB + 1   # + [MASK]
   batch = batch_for(config)
   rngs = {'dropout': jax.random.key(1), 'sample': jax.random.key(2), 'mask': jax.random.key(3)}
-  out = program.model.apply({'params': params}, batch, train=True, rngs=rngs)
+  apply = jax.jit(lambda p, b, train: program.model.apply({'params': p}, b, train=train,
+                                                          rngs=rngs), static_argnums=2)
+  out = apply(params, batch, True)
   b, l = batch['text'].shape
   assert out['itm']['logits'].shape == (3 * b, 2)
   np.testing.assert_array_equal(out['itm']['labels'], [1] * b + [0] * (2 * b))
@@ -82,16 +90,14 @@ def test_every_fused_output_has_its_layout():
   assert out['caption']['logits'].shape == (b, l, VOCAB)
   np.testing.assert_array_equal(out['caption']['targets'], batch['text'])
   # Evaluation mode: positives only, nothing masked.
-  out = program.model.apply({'params': params}, batch)
+  out = apply(params, batch, False)
   assert out['itm']['logits'].shape == (b, 2) and float(out['mlm']['weights'].sum()) == 0.0
 
 
-def test_a_zero_weight_leaves_its_head_unchanged():
+def test_a_zero_weight_leaves_its_head_unchanged(every_head):
   """itm at weight 0: its head gets no gradient (and no weight decay: zero-init kernels and
   biases stay exactly 0); the heads of the weighted objectives move."""
-  objectives = dict(ALL, itm=dict(weight=0.0))
-  config = fused_config(objectives, **ALL_HEADS)
-  program = program_for(config)
+  program, config = every_head
   state = program.init_state(0)
   before = jax.tree.map(np.asarray, state.params)
   state, metrics = program.train_step(state, program_batch(program, config))
@@ -112,14 +118,14 @@ def program_batch(program, config):
 
 
 def test_ramped_weight_grows_with_the_step():
-  config = fused_config({'softmax_contrastive': dict(weight=1.0),
-                         'captioning': dict(weight=2.0, ramp_steps=4)}, **{'decoder.depth': 1})
+  config = fused_config({'softmax_contrastive': dict(weight=2.0, ramp_steps=4)},
+                        **{'fusion.strategy': ''})
   program = program_for(config)
   state = program.init_state(0)
   weights = []
   for _ in range(3):
     state, metrics = program.train_step(state, program_batch(program, config))
-    weights.append(float(metrics['captioning/weight']))
+    weights.append(float(metrics['softmax_contrastive/weight']))
   assert weights == pytest.approx([0.0, 0.5, 1.0])
 
 

@@ -5,6 +5,9 @@ and returns `lock(config)`. Locked dicts refuse unknown keys, so a typo fails lo
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 ConfigDict = ml_collections.ConfigDict
@@ -143,6 +146,25 @@ def parse_arg(arg: str | None, **defaults):
     else:
       out[name] = type(default)(value)
   return ConfigDict(out)
+
+
+def load_file(path: str, *args: str | None, next_to: str | None = None) -> ConfigDict:
+  """What `--config path:arg` loads: the config file's `get_config(arg)`.
+
+  Several `args` join with commas, a later name overriding an earlier one; `next_to=__file__`
+  reads a relative `path` from the calling file's folder. A config that is another config with
+  fixed arguments (`configs/fusion/*.py`) builds on it this way, so the two cannot drift apart.
+  """
+  if next_to is not None:
+    path = os.path.join(os.path.dirname(os.path.abspath(next_to)), path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config file {path} does not exist.')
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f'mmfusion_config_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  arg = ','.join(a for a in args if a)
+  return module.get_config(arg) if arg else module.get_config()
 
 
 def smoke(config: ConfigDict) -> ConfigDict:

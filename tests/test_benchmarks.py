@@ -15,6 +15,7 @@ from benchmarks import mmfusion_step
 from benchmarks import record
 from benchmarks import timing
 from configs import benchmark
+from xla_flags import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,9 +91,8 @@ def test_cli_end_to_end_writes_a_consistent_record(tmp_path):
          '--config.data.image_size=16', '--config.tokenizer.max_len=8',
          '--steps', '2', '--warmup', '1', '--peer', 'none', '--matmul_size', '128',
          '--no_record', f'--results_md={results_md}', f'--json_out={json_out}']
-  # Unoptimised XLA code compiles in half the time; this test checks accounting, not speed.
-  env = dict(os.environ, CUDA_VISIBLE_DEVICES='', TF_CPP_MIN_LOG_LEVEL='2',
-             XLA_FLAGS='--xla_backend_optimization_level=0')
+  # The session's unoptimised XLA (conftest.py): this test checks accounting, not speed.
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES='', TF_CPP_MIN_LOG_LEVEL='2')
   run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
   assert 'mmfusion :' in run.stdout and 'examples/s' in run.stdout
@@ -232,8 +232,8 @@ def test_contrastive_memory_benchmark_records_linear_ring_and_quadratic_dense(tm
   json_out, results_md = tmp_path / 'run.json', tmp_path / 'RESULTS.md'
   cmd = [sys.executable, '-m', 'benchmarks.contrastive_memory', '--batches=256,512,1024',
          '--dim=16', '--chunk_size=8', f'--results_md={results_md}', f'--json_out={json_out}']
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
-  env.pop('XLA_FLAGS', None)          # the benchmark asks for its 8 host devices itself
+  # The benchmark asks for its 8 host devices itself.
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', XLA_FLAGS=xla_flags())
   run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stdout + run.stderr[-3000:]
 

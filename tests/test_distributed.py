@@ -16,6 +16,7 @@ import time
 import pytest
 
 from mmfusion import distributed
+from xla_flags import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, 'launch')
@@ -218,7 +219,7 @@ def test_slurm_step_is_detected(tmp_path):
   detection: no MMFUSION_* variables, the coordinator on the node list's first host."""
   path = tmp_path / 'script.py'
   path.write_text(COLLECTIVE.replace('launcher', 'SLURM step'))
-  env = clean_env(XLA_FLAGS='--xla_force_host_platform_device_count=2', SLURM_JOB_ID='4242',
+  env = clean_env(XLA_FLAGS=xla_flags(2), SLURM_JOB_ID='4242',
                   SLURM_STEP_NODELIST='localhost', SLURM_NTASKS='2', SLURM_STEP_NUM_NODES='1',
                   JAX_COORDINATOR_PORT=str(free_port()))
   procs = [subprocess.Popen([sys.executable, str(path)], env=dict(env, SLURM_PROCID=str(i),

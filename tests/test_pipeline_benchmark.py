@@ -46,11 +46,10 @@ def test_compile_time_benchmark_times_every_mode_and_depth(tmp_path):
   out = tmp_path / 'compile.json'
   shrink = ['--config.data.image_size=16', '--config.tokenizer.max_len=8',
             '--config.batch_size=8']
-  # Unoptimised XLA code compiles faster; the harness, not the code, is under test here.
+  # The session's unoptimised XLA (conftest.py) reaches the benchmark's compile subprocesses:
+  # the harness, not the code, is under test here.
   run = run_module('benchmarks.compile_time', '--config=configs/benchmark.py:tiny',
-                   '--depths=1,2', '--repeats=1', '--no_record', f'--json_out={out}', *shrink,
-                   XLA_FLAGS='--xla_backend_optimization_level=0 '
-                             '--xla_llvm_disable_expensive_passes=true')
+                   '--depths=1,2', '--repeats=1', '--no_record', f'--json_out={out}', *shrink)
   assert run.returncode == 0, run.stdout + run.stderr
   result = json.loads(out.read_text())
   assert sorted((r['mode'], r['depth']) for r in result['results']) == [

@@ -21,14 +21,32 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_every_config_the_readme_names_loads():
-  import importlib.util
-  names = set(re.findall(r'configs/(\w+)\.py', _readme()))
-  assert {'shapes_clip', 'shapes_siglip', 'shapes_finetune_cls'} <= names
+  from mmfusion import config as mmf_config
+  names = set(re.findall(r'configs/([\w/]+)\.py', _readme()))
+  assert {'shapes_clip', 'shapes_siglip', 'shapes_finetune_cls', 'fusion/early'} <= names
   for name in names:
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    path = os.path.join(ROOT, 'configs', f'{name}.py')
+    config = mmf_config.load_file(path)
     assert config.is_locked
     # Its docstring says how it is run: a training command, or the benchmark that uses it.
-    assert re.search(r'python -m (mmfusion\.main|benchmarks\.\w+) --config configs/', module.__doc__)
+    with open(path) as f:
+      assert re.search(rf'python -m (mmfusion\.main|benchmarks\.\w+) --config configs/{name}\.py',
+                       f.read()), name
+
+
+def test_one_config_per_fusion_strategy():
+  """configs/fusion/<strategy>.py is configs/shapes_vqa.py with that strategy, fresh fusion."""
+  from mmfusion import config as mmf_config
+  from mmfusion.models import fusion
+  strategies = sorted(fusion.STRATEGIES)
+  files = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, 'configs', 'fusion'))
+                 if f.endswith('.py'))
+  assert files == strategies
+  for strategy in strategies:
+    config = mmf_config.load_file(os.path.join(ROOT, 'configs', 'fusion', f'{strategy}.py'),
+                                  'steps=40')
+    reference = mmf_config.load_file(os.path.join(ROOT, 'configs', 'shapes_vqa.py'),
+                                     f'strategy={strategy},fusion=fresh,steps=40')
+    assert config.model.fusion.strategy == strategy
+    assert config.to_dict() == reference.to_dict()
+    assert 'fusion' in config.init_from.skip

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from mmfusion import sharding
+from xla_flags import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = os.path.join(REPO, 'tests', 'scaleout_cases.py')
@@ -24,10 +25,9 @@ RTOL = 1e-5
 
 
 def run_case(*args, devices: int = 8, processes: int = 1, timeout: int = 300) -> str:
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
-  env.pop('XLA_FLAGS', None)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
+             XLA_FLAGS=xla_flags(devices if processes == 1 else None))  # or the launcher's
   if processes == 1:
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
     cmd = [sys.executable, CASES, *args]
   else:
     cmd = ['bash', LAUNCH, '-n', str(processes), '-d', str(devices), '--', sys.executable,
@@ -167,8 +167,7 @@ assert "['kernel'] (0.02 MiB)" in message and 'allow_replicated=True' in message
 assert sharding.replication_error(mem, mesh, 0.6) is None
 print('ok')
 '''
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags(8))
   done = subprocess.run([sys.executable, '-c', code], env=env, cwd=REPO, capture_output=True,
                         text=True, timeout=120)
   assert done.returncode == 0 and done.stdout.strip().endswith('ok'), done.stderr[-3000:]
@@ -183,8 +182,7 @@ print('ok')
      'available; set one axis to -1 or change the sizes.'),
 ])
 def test_cli_layout_errors_are_one_line(tmp_path, flag, message):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
-  env.pop('XLA_FLAGS', None)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', XLA_FLAGS=xla_flags())
   done = subprocess.run(
       [sys.executable, '-m', 'mmfusion.main', '--config', 'configs/shapes_clip.py:smoke',
        '--workdir', str(tmp_path), flag], env=env, cwd=REPO, capture_output=True, text=True,

@@ -15,6 +15,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from mmfusion import objectives
 from mmfusion import sharding
+from xla_flags import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AXES = ('data', 'fsdp', 'tensor')
@@ -157,8 +158,7 @@ def main():
 
 
 def test_sharded_losses_equal_the_single_device_reference():
-  flags = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
-  env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS='cpu',
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS='cpu',
              PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get('PYTHONPATH')])))
   run = subprocess.run([sys.executable, os.path.abspath(__file__)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)

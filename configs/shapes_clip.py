@@ -8,13 +8,13 @@ renders the dataset and trains the sentencepiece tokenizer (cached in the data d
 
 Argument: `configs/shapes_clip.py:smoke` runs 20 steps on the tiny dataset.
 
-Result (2-core CPU, 2026-11-25; 4 min 38 s wall for the command above with the dataset and
+Result (2-core CPU, 2026-12-01; 4 min 48 s wall for the command above with the dataset and
 tokenizer already cached, compilation and evals included; add about 20 s for a cold cache):
   zero-shot accuracy 1.000 on the 959 single-object test images, 30 colour-shape classes
     (0.857 at step 250, 0.992 at step 500);
   retrieval on validation (2000 images x 5 captions):
     image->text R@1/5/10 = 0.471 / 0.911 / 0.962, text->image = 0.302 / 0.709 / 0.840;
-  about 3000 examples/s in training, 3.3% of the wall time waiting for data.
+  about 3000-3300 examples/s in training, 2.8% of the wall time waiting for data.
 The same config as 2 processes x 2 CPU devices (README, "Scaling out"):
   launch/local_multiprocess.sh -n 2 -d 2 -- python -m mmfusion.main \
       --config configs/shapes_clip.py --workdir workdirs/shapes_clip_2x2

@@ -1,4 +1,5 @@
-"""Test-wide settings: quiet TensorFlow, CPU only, fast-compiling XLA; `configs/` importable."""
+"""Test-wide settings: quiet TensorFlow, CPU only, fast-compiling XLA; `configs/` importable;
+the tiny dataset's fixtures."""
 import os
 import sys
 
@@ -6,10 +7,45 @@ from xla_flags import FAST_COMPILE
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
-# Set before any test module imports jax. CLI subprocesses inherit it, and tests that simulate
-# devices keep it (`xla_flags.xla_flags(devices)`).
+# Set before anything imports jax. CLI subprocesses inherit it, and tests that simulate devices
+# keep it (`xla_flags.xla_flags(devices)`).
 _flags = os.environ.get('XLA_FLAGS', '').split()
 os.environ['XLA_FLAGS'] = ' '.join(_flags + [f for f in FAST_COMPILE if f not in _flags])
 
 # `configs/` is a directory of experiment files, not a package on the path; tests import them.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+
+from tiny_data import make_config  # noqa: E402
+
+
+# -- the tiny dataset of the data tests (a module that needs another defines its own data_dir) --
+# jax and TensorFlow are imported inside the fixtures: a module-level import here would load
+# them in pytest's controller process too, before any test needs them.
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+  from mmfusion.data import pipeline
+  directory = tmp_path_factory.mktemp('datasets')
+  pipeline.get_builder(make_config(directory).data)
+  return directory
+
+
+@pytest.fixture
+def config(data_dir):
+  return make_config(data_dir)
+
+
+@pytest.fixture(scope='session')
+def tok(data_dir):
+  from mmfusion.data import pipeline
+  return pipeline.get_tokenizer(make_config(data_dir))
+
+
+@pytest.fixture(scope='session')
+def sharding():
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((1,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  return NamedSharding(mesh, P('data'))

@@ -12,10 +12,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mmfusion import config as config_lib
 from mmfusion.data import pipeline
 from mmfusion.data import preprocess
 from mmfusion.data import shapes
+from tiny_data import BATCH, assert_same_batches, make_config, take
 
 # Independent reference: the hue (degrees) each colour name should read as.
 HUES = {'red': 0, 'orange': 30, 'yellow': 52, 'green': 130, 'blue': 225, 'purple': 280}
@@ -23,48 +23,12 @@ RELATION_CHECK = {
     'left of': lambda a, b: a['x'] < b['x'], 'right of': lambda a, b: a['x'] > b['x'],
     'above': lambda a, b: a['y'] < b['y'], 'below': lambda a, b: a['y'] > b['y'],
 }
-BATCH = 32   # tiny has 256 train examples: 8 steps per epoch
 
 
 def hue_name(rgb) -> str:
   h, _, _ = colorsys.rgb_to_hsv(*(np.asarray(rgb, float) / 255.0))
   dist = {n: min(abs(h * 360 - d), 360 - abs(h * 360 - d)) for n, d in HUES.items()}
   return min(dist, key=dist.get)
-
-
-def make_config(data_dir, **data):
-  config = config_lib.base()
-  config.data.data_dir = str(data_dir)
-  config.data.builder_config = 'tiny'
-  config.data.shuffle_buffer = 100
-  config.data.update(data)
-  config.batch_size = BATCH
-  config.tokenizer.vocab_size = 128
-  config.tokenizer.max_len = 20
-  return config
-
-
-@pytest.fixture(scope='session')
-def data_dir(tmp_path_factory):
-  directory = tmp_path_factory.mktemp('datasets')
-  pipeline.get_builder(make_config(directory).data)
-  return directory
-
-
-@pytest.fixture
-def config(data_dir):
-  return make_config(data_dir)
-
-
-@pytest.fixture(scope='session')
-def tok(data_dir):
-  return pipeline.get_tokenizer(make_config(data_dir))
-
-
-@pytest.fixture(scope='session')
-def sharding():
-  mesh = jax.make_mesh((1,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
-  return NamedSharding(mesh, P('data'))
 
 
 # ------------------------------------------------------------------------------ renderer
@@ -238,18 +202,6 @@ def test_get_tokenizer_caches_and_round_trips(config, tok, data_dir):
 
 
 # -------------------------------------------------------------------------------- training
-
-
-def take(iterator, n):
-  return [{k: np.asarray(v) for k, v in next(iterator).items()} for _ in range(n)]
-
-
-def assert_same_batches(xs, ys):
-  assert len(xs) == len(ys)
-  for x, y in zip(xs, ys):
-    assert x.keys() == y.keys()
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 @pytest.fixture(scope='module')

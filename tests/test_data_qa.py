@@ -5,64 +5,13 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mmfusion import config as config_lib
 from mmfusion.data import pipeline
 from mmfusion.data import shapes
+from tiny_data import BATCH, MAX_LEN, assert_same_batches, make_config, take
 
-BATCH = 32                     # tiny has 256 train examples: 8 steps per epoch
-MAX_LEN = 20
 QA_INPUTS = ('image', 'question', 'question_mask', 'answer')
 OLD_KEYS = {'image', 'text', 'text_mask', 'label'}
-
-
-def make_config(data_dir, **data):
-  config = config_lib.base()
-  config.data.data_dir = str(data_dir)
-  config.data.builder_config = 'tiny'
-  config.data.shuffle_buffer = 100
-  config.data.update(data)
-  config.batch_size = BATCH
-  config.tokenizer.vocab_size = 128
-  config.tokenizer.max_len = MAX_LEN
-  return config
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  directory = tmp_path_factory.mktemp('datasets')
-  pipeline.get_builder(make_config(directory).data)
-  return directory
-
-
-@pytest.fixture
-def config(data_dir):
-  return make_config(data_dir)
-
-
-@pytest.fixture(scope='module')
-def tok(data_dir):
-  return pipeline.get_tokenizer(make_config(data_dir))
-
-
-@pytest.fixture(scope='module')
-def sharding():
-  mesh = jax.make_mesh((1,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
-  return NamedSharding(mesh, P('data'))
-
-
-def take(iterator, n):
-  return [{k: np.asarray(v) for k, v in next(iterator).items()} for _ in range(n)]
-
-
-def assert_same_batches(xs, ys, keys=None):
-  assert len(xs) == len(ys)
-  for x, y in zip(xs, ys):
-    if keys is None:
-      assert x.keys() == y.keys()
-    for k in keys or x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 def raw_split(data_dir, split):

@@ -27,8 +27,7 @@ The strategies compared, 600 steps each from the same towers with fresh fusion
 (`:strategy=S,fusion=fresh,steps=600`): README, "Fusion and multi-objective pretraining".
 """
 from mmfusion import config as mmf_config
-
-STRATEGIES = ('cross_attention', 'co_attention', 'early', 'bottleneck', 'weighted_sum', 'late')
+from mmfusion.models.fusion import STRATEGIES
 # ALBEF's parts that VQA does not use; the checkpoint has them, the model does not.
 _UNUSED = ('itm_head', 'mlm_head')
 

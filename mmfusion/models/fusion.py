@@ -30,11 +30,17 @@ Dtype = Any
 
 STRATEGIES = ('cross_attention', 'co_attention', 'early', 'bottleneck', 'weighted_sum', 'late')
 TOKEN_STRATEGIES = ('cross_attention', 'co_attention', 'early', 'bottleneck')  # run fusion blocks
+
 GATES = ('weights', 'gates')
 COMBINES = ('mean', 'learned')
 
 BLE = ('batch', 'length', 'embed')
 BE = ('batch', 'embed')
+
+
+def check_strategy(strategy: str) -> None:
+  if strategy not in STRATEGIES:
+    raise ValueError(f'unknown fusion strategy {strategy!r}; known strategies: {STRATEGIES}')
 
 
 class FusionBlock(nn.Module):
@@ -160,9 +166,7 @@ class Fusion(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def __post_init__(self):
-    if self.strategy not in STRATEGIES:
-      raise ValueError(f'unknown fusion strategy {self.strategy!r}; known strategies: '
-                       f'{STRATEGIES}')
+    check_strategy(self.strategy)
     if self.attention_impl not in layers.ATTENTION_IMPLS:
       raise ValueError(f'attention_impl={self.attention_impl!r}; expected one of '
                        f'{layers.ATTENTION_IMPLS}')
@@ -405,9 +409,7 @@ class FusionHead(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def __post_init__(self):
-    if self.strategy not in STRATEGIES:
-      raise ValueError(f'unknown fusion strategy {self.strategy!r}; known strategies: '
-                       f'{STRATEGIES}')
+    check_strategy(self.strategy)
     if self.combine not in COMBINES:
       raise ValueError(f'fusion head combine={self.combine!r}; expected one of {COMBINES}')
     if self.num_classes <= 0:

@@ -3,6 +3,9 @@ config the README names exists and loads."""
 import os
 import re
 
+from mmfusion import config as mmf_config
+from mmfusion.models import fusion
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -21,7 +24,6 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_every_config_the_readme_names_loads():
-  from mmfusion import config as mmf_config
   names = set(re.findall(r'configs/([\w/]+)\.py', _readme()))
   assert {'shapes_clip', 'shapes_siglip', 'shapes_finetune_cls', 'fusion/early'} <= names
   for name in names:
@@ -36,8 +38,6 @@ def test_every_config_the_readme_names_loads():
 
 def test_one_config_per_fusion_strategy():
   """configs/fusion/<strategy>.py is configs/shapes_vqa.py with that strategy, fresh fusion."""
-  from mmfusion import config as mmf_config
-  from mmfusion.models import fusion
   strategies = sorted(fusion.STRATEGIES)
   files = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, 'configs', 'fusion'))
                  if f.endswith('.py'))

@@ -12,8 +12,8 @@ score alone and re-ranked over the top 8 candidates by the ITM logit plus the co
 
 Argument: `configs/shapes_albef.py:smoke` runs 20 steps on the tiny dataset.
 
-Result (2-core CPU, 2026-12-01; 18 min 42 s wall for the command above, the cores partly
-shared with other jobs; 1000 steps of 256, about 600 examples/s when alone):
+Result (2-core CPU, 2026-12-01; 16 min 48 s wall for the command above on a quiet machine, the
+same figures as a first run at 18 min 42 s on shared cores; 1000 steps of 256):
   validation retrieval (2000 images x 5 captions), R@1 / R@5 / R@10:
                                       image->text              text->image
     contrastive only                  0.358 / 0.829 / 0.918    0.242 / 0.647 / 0.816

@@ -8,8 +8,9 @@ Captions are written greedily (`captioning`) and with beam search (`captioning_b
 end), both with a key/value cache, and scored on the test split with BLEU-4 against the five
 reference captions and with the accuracy of their colour / shape / size words.
 
-Result (2-core CPU, 2026-12-01; 9 min 40 s wall for the command above, the cores partly
-shared with other jobs; 1000 steps of 256), on the 2000 test images:
+Result (2-core CPU, 2026-12-01; 6 min 42 s wall for the command above on a quiet machine, the
+same figures as a first run at 9 min 40 s on shared cores; 1000 steps of 256), on the 2000
+test images:
                        BLEU-4   attribute acc.   colour   shape   size    words
     greedy             0.817    0.857            0.999    0.859   0.998   7.0
     beam search (4)    0.841    0.868            0.998    0.869   0.998   8.0

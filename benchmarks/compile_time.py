@@ -44,10 +44,11 @@ def measure(config: Any) -> dict[str, Any]:
   import jax
   # A cache hit would time a file read, not a compilation.
   jax.config.update('jax_enable_compilation_cache', False)
+  from mmfusion import config as config_lib
   from mmfusion import sharding
   from mmfusion import train
 
-  train.validate(config, jax.device_count())
+  config_lib.validate(config, jax.device_count())
   mesh = sharding.make_mesh(config.mesh)
   program = train.TrainProgram(config, config.tokenizer.vocab_size, mesh)
   state = program.abstract_state_with_shardings()
@@ -60,7 +61,7 @@ def measure(config: Any) -> dict[str, Any]:
   lowered.compile()
   t2 = time.perf_counter()
   return {
-      'image_depth': config.model.image.depth, 'text_depth': config.model.text.depth,
+      'image_depth': config.model.towers.image.depth, 'text_depth': config.model.towers.text.depth,
       'scan': bool(config.model.scan_layers), 'lower_s': t1 - t0, 'compile_s': t2 - t1,
       'machine': environment.describe(environment.device_description()),
   }

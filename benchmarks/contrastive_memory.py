@@ -30,9 +30,9 @@ if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '')
 from benchmarks import environment, record  # noqa: E402
 
 LOSSES = {   # name -> (registered objective, its kwargs besides chunk_size)
-    'ring': ('sigmoid_contrastive', {'impl': 'ring'}),
-    'dense': ('sigmoid_contrastive', {'impl': 'dense'}),
-    'softmax': ('softmax_contrastive', {}),
+    'ring': ('sigmoid_contrastive', {'impl': 'ring', 'pairs': (('a', 'b'),)}),
+    'dense': ('sigmoid_contrastive', {'impl': 'dense', 'pairs': (('a', 'b'),)}),
+    'softmax': ('softmax_contrastive', {'pairs': (('a', 'b'),)}),
 }
 COLUMNS = ('Date (UTC)', 'Machine', 'Commit', 'Loss', 'Global batch', 'Devices', 'D', 'Chunk',
            'Temp MiB/device', 'Total MiB/device', 'Temp growth', 'Total growth')
@@ -70,7 +70,7 @@ def plan(loss: str, batch: int, dim: int, chunk_size: int, devices) -> dict[str,
     kwargs = dict(kwargs, chunk_size=chunk_size)
 
   def loss_fn(za, zb, scale, bias):
-    outputs = {'embeddings': {'image': za, 'text': zb}, 'logit_scale': scale,
+    outputs = {'embeddings': {'a': za, 'b': zb}, 'logit_scale': scale,
                'logit_bias': bias}
     return objectives.REGISTRY[name].fn(outputs, {}, **kwargs)
 

@@ -13,6 +13,7 @@ import numpy as np
 from benchmarks import environment
 from benchmarks import flops as flops_lib
 from benchmarks import timing
+from mmfusion import config as config_lib
 from mmfusion import sharding
 from mmfusion import train
 
@@ -32,8 +33,8 @@ def flops_reference(config: ml_collections.ConfigDict,
     changes['scan_layers'] = False
   if config.model.remat != 'none':
     changes['remat'] = 'none'
-  towers = [t for t in (program.model.image, program.model.text) if t is not None]
-  if any(t.attention_impl not in ('xla', 'explicit') for t in towers):
+  stacks = [t.stack for t in program.model.towers.values() if hasattr(t, 'stack')]
+  if any(s.attention_impl not in ('xla', 'explicit') for s in stacks):
     changes['attention'] = 'xla'
   reference = ml_collections.ConfigDict(config.to_dict())
   reference.model.update(changes)
@@ -70,8 +71,7 @@ def model_flops(config: ml_collections.ConfigDict, *, program: train.TrainProgra
 def run(config: ml_collections.ConfigDict, batch_np: dict[str, np.ndarray], *,
         warmup: int, steps: int) -> dict[str, Any]:
   """Builds, compiles and times the training step; returns timings, FLOPs and memory."""
-  train.validate(config, jax.device_count())
-  config = train.resolve(config)
+  config_lib.validate(config, jax.device_count())
   mesh = sharding.make_mesh(config.mesh)
   program = train.TrainProgram(config, config.tokenizer.vocab_size, mesh)
   state = program.init_state(config.seed)

@@ -3,7 +3,7 @@ r"""Input-pipeline throughput: how fast the trainer's own batch iterator runs, w
   python -m benchmarks.pipeline --config configs/shapes_clip.py [--config.k=v] \
       [--batches 200] [--warmup 10] [--step_examples_per_sec X] [--no_record] [--json_out PATH]
 
-Owns timing `mmfusion.data.pipeline.train_iterator`, built as `train.Trainer.run` builds it;
+Owns timing `mmfusion.data.training.batches`, built as `train.Trainer.run` builds it;
 the machine, commit and date come from environment.py, the row and JSON from record.py.
 """
 from __future__ import annotations
@@ -38,16 +38,16 @@ def time_pipeline(config: Any, num_batches: int, warmup: int) -> dict[str, Any]:
                      'first batch includes the set-up and is never timed).')
   import jax
   from mmfusion import sharding
-  from mmfusion.data import pipeline
+  from mmfusion.data import sources
+  from mmfusion.data import training
 
   start = time.perf_counter()
   mesh = sharding.make_mesh(config.mesh)
   if config.batch_size % sharding.data_parallel_size(mesh):
     raise ValueError(f'config.batch_size = {config.batch_size} must be divisible by the '
                      f'data-parallel size {sharding.data_parallel_size(mesh)} of the mesh.')
-  tokenizer = pipeline.get_tokenizer(config)
-  batches = pipeline.train_iterator(config, tokenizer, sharding.batch_sharding(mesh),
-                                    start_step=0)
+  source = sources.Source(config)
+  batches = training.batches(source, sharding.batch_sharding(mesh), start_step=0)
   jax.block_until_ready(next(batches))
   startup_s = time.perf_counter() - start
   for _ in range(warmup - 1):
@@ -66,7 +66,7 @@ def time_pipeline(config: Any, num_batches: int, warmup: int) -> dict[str, Any]:
       'batch': config.batch_size,
       'batches': num_batches,
       'warmup': warmup,
-      'steps_per_epoch': pipeline.steps_per_epoch(config),
+      'steps_per_epoch': training.steps_per_epoch(source),
       'startup_s': startup_s,
       'seconds': elapsed,
       'batches_per_sec': batches_per_sec,

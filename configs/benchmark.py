@@ -43,7 +43,7 @@ def get_config(arg=None):
   config = mmf_config.base()
   config.batch_size = arg.batch or shapes['batch']
   config.data.image_size = shapes['image_size']
-  config.data.inputs = ('image', 'text', 'text_mask')
+  config.data.inputs = ('image', 'text')
   config.tokenizer.vocab_size = shapes['vocab_size']
   config.tokenizer.max_len = shapes['max_len']
 
@@ -52,15 +52,15 @@ def get_config(arg=None):
   model.dtype = arg.dtype or shapes['dtype']
   for tower, sizes in (('image', shapes['image']), ('text', shapes['text'])):
     width, depth, mlp_dim, num_heads = sizes
-    model[tower].update(variant='', width=width, depth=arg.depth or depth, mlp_dim=mlp_dim,
-                        num_heads=num_heads)
-  model.image.patch_size = shapes['patch_size']
-  model.image.pool = 'cls'
-  model.text.update(causal=True, pool='eos')
+    model.towers[tower].update(variant='', width=width, depth=arg.depth or depth,
+                               mlp_dim=mlp_dim, num_heads=num_heads)
+  model.towers.image.patch_size = shapes['patch_size']
+  model.towers.image.pool = 'cls'
+  model.towers.text.update(causal=True, pool='eos')
   model.scan_layers = arg.scan
   model.remat = arg.remat
   model.attention = arg.attention
 
-  config.objectives = {'softmax_contrastive': dict(weight=1.0)}
+  config.objectives = {'softmax_contrastive': dict(weight=1.0, pairs=(('image', 'text'),))}
   config.evals = {}
   return mmf_config.lock(config)

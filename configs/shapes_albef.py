@@ -33,12 +33,13 @@ from mmfusion import config as mmf_config
 def get_config(arg=None):
   arg = mmf_config.parse_arg(arg, smoke=False)
   config = mmf_config.base()
-  config.model.text.update(causal=False, pool='cls')
+  config.model.towers.text.update(causal=False, pool='cls')
   config.model.fusion.update(strategy='cross_attention', query='text', context='image',
                              depth=2, start_layer=0)
-  config.model.heads.update(itm=True, mlm=True)
+  config.model.heads.itm = dict(pair=('image', 'text'))
+  config.model.heads.mlm = dict(modality='text', context='image')
   config.objectives = {
-      'softmax_contrastive': dict(weight=1.0),
+      'softmax_contrastive': dict(weight=1.0, pairs=(('image', 'text'),)),
       'itm': dict(weight=1.0),
       'mlm': dict(weight=1.0),
   }

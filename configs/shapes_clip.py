@@ -28,7 +28,7 @@ from mmfusion import config as mmf_config
 def get_config(arg=None):
   arg = mmf_config.parse_arg(arg, smoke=False)
   config = mmf_config.base()
-  config.objectives = {'softmax_contrastive': dict(weight=1.0)}
+  config.objectives = {'softmax_contrastive': dict(weight=1.0, pairs=(('image', 'text'),))}
   if arg.smoke:
     mmf_config.smoke(config)
   return mmf_config.lock(config)

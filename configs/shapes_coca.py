@@ -25,9 +25,10 @@ from mmfusion import config as mmf_config
 def get_config(arg=None):
   arg = mmf_config.parse_arg(arg, smoke=False)
   config = mmf_config.base()
-  config.model.decoder.update(depth=2, width=96, mlp_dim=384, num_heads=4)
+  config.model.heads.caption = dict(target='text', context='image', depth=2, width=96,
+                                    mlp_dim=384, num_heads=4)
   config.objectives = {
-      'softmax_contrastive': dict(weight=1.0),
+      'softmax_contrastive': dict(weight=1.0, pairs=(('image', 'text'),)),
       'captioning': dict(weight=2.0),
   }
   config.evals.captioning = dict(type='captioning', every=500, split='test', batch_size=256,

@@ -24,7 +24,8 @@ def get_config(arg=None):
   arg = mmf_config.parse_arg(arg, init='workdirs/shapes_clip', scratch=False, smoke=False)
   config = mmf_config.base()
   config.data.inputs = ('image', 'label')                 # the text tower is not needed
-  config.model.head = dict(num_classes=-1, input='image')   # -1: as many as the dataset's labels
+  # -1: as many classes as the dataset's labels
+  config.model.heads.classification = dict(num_classes=-1, input='image')
   config.objectives = {'classification': dict(weight=1.0, label_smoothing=0.0)}
   config.total_steps = 300
   config.optim.lr = 3e-4

@@ -20,7 +20,7 @@ from mmfusion import config as mmf_config
 def get_config(arg=None):
   arg = mmf_config.parse_arg(arg, smoke=False)
   config = mmf_config.base()
-  config.objectives = {'sigmoid_contrastive': dict(weight=1.0)}
+  config.objectives = {'sigmoid_contrastive': dict(weight=1.0, pairs=(('image', 'text'),))}
   config.model.temperature_init = 10.0
   config.model.bias_init = -10.0
   if arg.smoke:

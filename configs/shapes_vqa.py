@@ -29,8 +29,8 @@ towers with fresh fusion (`configs/fusion/<strategy>.py`, which is
 """
 from mmfusion import config as mmf_config
 from mmfusion.models.fusion import STRATEGIES
-# ALBEF's parts that VQA does not use; the checkpoint has them, the model does not.
-_UNUSED = ('itm_head', 'mlm_head')
+# ALBEF's heads that VQA does not use; the checkpoint has them, the model does not.
+_UNUSED = ('itm', 'mlm')
 
 
 def get_config(arg=None):
@@ -47,13 +47,16 @@ def get_config(arg=None):
                      'to load: use fusion=fresh.')
 
   config = mmf_config.base()
-  config.data.inputs = ('image', 'question', 'question_mask', 'answer')
-  config.model.text.update(causal=False, pool='cls')        # as configs/shapes_albef.py
-  config.model.fusion.update(strategy=arg.strategy, depth=2, start_layer=0)
+  config.data.inputs = ('image', 'question')     # question brings question_mask and answer
+  config.model.towers.text.update(causal=False, pool='cls')   # as configs/shapes_albef.py
+  config.model.fusion.strategy = arg.strategy
+  if arg.strategy == 'cross_attention':
+    config.model.fusion.update(query='text', context='image', depth=2, start_layer=0)
   # ALBEF's text tower has one more embedding row, its [MASK] token. An MLM head keeps it;
   # VQA batches carry no captions, so that head never runs and has no params.
-  config.model.heads.mlm = True
-  config.model.heads.vqa_answers = -1          # -1: the train split's answer vocabulary
+  config.model.heads.mlm = dict(modality='text', context='image')
+  # answers=-1: the train split's answer vocabulary; the question is read by the text tower.
+  config.model.heads.vqa = dict(answers=-1, question='text', context='image')
   config.objectives = {'vqa': dict(weight=1.0)}
   config.total_steps = arg.steps
   config.optim.lr = 1e-3
@@ -65,7 +68,7 @@ def get_config(arg=None):
   if not arg.scratch:
     config.init_from.path = arg.init
     # Towers and temperature from the ALBEF run; the VQA head always starts at init.
-    config.init_from.skip = ('vqa_head',) + _UNUSED + (('fusion',) if fusion == 'fresh' else ())
+    config.init_from.skip = ('vqa',) + _UNUSED + (('fusion',) if fusion == 'fresh' else ())
   if arg.smoke:
     mmf_config.smoke(config)
   return mmf_config.lock(config)

@@ -13,6 +13,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINT_SUBDIR = 'checkpoints'
+# Heads' params before heads were named as in config.model.heads (models/heads.py): old
+# top-level name -> (new name, the sub-module the old params now sit in).
+LEGACY_HEADS = {'head': ('classification', 'dense'), 'itm_head': ('itm', 'classifier'),
+                'vqa_head': ('vqa', 'classifier'), 'mlm_head': ('mlm', 'vocab'),
+                'caption_decoder': ('caption', 'decoder')}
 
 
 class CheckpointError(ValueError):
@@ -107,9 +112,14 @@ class Checkpointer:
                    jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
     diff = shape_diff(wanted_flat, saved_flat, 'current config', 'checkpoint')
     if diff:
+      legacy = sorted({p.split('/')[1] for p in saved_flat if p.startswith('params/')}
+                      & set(LEGACY_HEADS))
+      hint = (f' It holds heads under their names from before mmfusion named them as in '
+              f'config.model.heads ({legacy}): it cannot be resumed, but a new workdir can start '
+              'from it with config.init_from.path, which renames them.' if legacy else '')
       raise CheckpointError(
           f'checkpoint {self.directory}/{step} does not match the current config; resume with '
-          'the config it was written with, or use a new workdir. Differences:\n'
+          f'the config it was written with, or use a new workdir.{hint} Differences:\n'
           + '\n'.join(diff[:40]) + (f'\n  ... and {len(diff) - 40} more' if len(diff) > 40 else ''))
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -184,6 +194,21 @@ def load_params(path: str, load: str = '') -> dict[str, Any]:
   except Exception as e:
     raise CheckpointError(f'checkpoint {step_dir} is unreadable: {e}') from e
   return dict(subtree(restored['params'], load, f'checkpoint {step_dir}'))
+
+
+def upgrade_legacy(params: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+  """Params of a checkpoint written before heads were named as in config.model.heads, in the
+  current layout (e.g. itm_head/head/kernel -> itm/classifier/head/kernel), and the renames
+  made as 'old -> new' lines; other params pass unchanged."""
+  out, renamed = {}, []
+  for key, value in params.items():
+    if key in LEGACY_HEADS and isinstance(value, Mapping):
+      new, inner = LEGACY_HEADS[key]
+      out[new] = {inner: value}
+      renamed.append(f'{key} -> {new}/{inner}')
+    else:
+      out[key] = value
+  return out, renamed
 
 
 def merge_params(init_params: Mapping[str, Any], loaded: Mapping[str, Any], *,

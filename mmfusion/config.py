@@ -2,11 +2,15 @@
 
 `base()` holds every key the code reads, with defaults; `configs/<name>.py` changes values
 and returns `lock(config)`. Locked dicts refuse unknown keys, so a typo fails loudly.
+`validate(config)` checks everything a config says before any data or compute, naming the key;
+`resolve(config, source)` fills in the values that come from the data (-1 class counts).
 """
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
+from typing import Any
 
 import ml_collections
 
@@ -20,11 +24,14 @@ def base() -> ConfigDict:
   c.batch_size = 256                      # global, over all hosts and devices
 
   c.data = ConfigDict(dict(
-      name='mmfusion_shapes',             # any TFDS dataset with image/captions features
+      name='mmfusion_shapes',             # a TFDS dataset (rendered locally, or prepared)
       builder_config='',                  # '' -> the builder's default config
       data_dir='',                        # '' -> $MMFUSION_DATA_DIR or ~/.cache/mmfusion/datasets
       train_split='train',
-      inputs=('image', 'text', 'text_mask', 'label'),  # batch keys the model and losses see
+      # The input ops (mmfusion/data/ops.py registry) whose entries make the batch: a modality
+      # ('image', 'text', ...) brings `<m>` (and `<m>_mask`); 'label', 'question' (with
+      # 'question_mask' and 'answer') are targets.
+      inputs=('image', 'text', 'label'),
       image_size=32,                      # pixels after resize
       shuffle_buffer=10_000,              # only when a host's split does not fit in memory
       augment=True,                       # light colour jitter; geometry is left alone
@@ -40,31 +47,25 @@ def base() -> ConfigDict:
       embed_dim=96,                       # shared embedding space
       dtype='float32',                    # compute dtype
       param_dtype='float32',
-      # A variant such as 'S/16' (ViT naming) overrides width/depth/mlp_dim/num_heads
-      # (and patch_size); '' uses the explicit sizes.
-      image=dict(variant='', patch_size=8, width=96, depth=3, mlp_dim=384,
-                 num_heads=4, pool='gap', dropout=0.0),
-      text=dict(variant='', width=96, depth=2, mlp_dim=384, num_heads=4,
-                causal=True, pool='eos', dropout=0.0),
+      # One tower per modality: dict(type=<a type of models/towers.py's registry>, its options).
+      # A `variant` such as 'S/16' (ViT naming) overrides width/depth/mlp_dim/num_heads (and
+      # patch_size); '' uses the explicit sizes.
+      towers=dict(
+          image=dict(type='vit', variant='', patch_size=8, width=96, depth=3, mlp_dim=384,
+                     num_heads=4, pool='gap', dropout=0.0),
+          text=dict(type='text', variant='', width=96, depth=2, mlp_dim=384, num_heads=4,
+                    causal=True, pool='eos', dropout=0.0),
+      ),
       temperature_init=1 / 0.07,          # CLIP; SigLIP uses 10
       temperature_max=100.0,              # CLIP's clamp
       bias_init=0.0,                      # SigLIP uses -10
-      head=dict(num_classes=0, input='image'),   # 0 -> no classification head
-      # Fused image-text features (models/fusion.py): strategy '' (none) | 'cross_attention' |
-      # 'co_attention' | 'early' | 'bottleneck' | 'weighted_sum' | 'late'. query/context: who
-      # cross-attends to whom (cross_attention); start_layer: the first fusion layer with
-      # cross-attention (cross_attention) or bottleneck exchange (bottleneck); gate: 'weights'
-      # | 'gates' (weighted_sum).
-      fusion=dict(strategy='', width=96, depth=2, num_heads=4, mlp_dim=384, query='text',
-                  context='image', start_layer=0, num_bottleneck=4, gate='weights',
-                  dropout=0.0),
-      # Heads on the fused features: image-text match, masked LM, VQA over vocab_answers
-      # answers (-1: the dataset's answer vocabulary). late_combine: how 'late' fusion mixes
-      # its per-modality logits ('mean' | 'learned').
-      heads=dict(itm=False, mlm=False, vqa_answers=0, late_combine='learned'),
-      # Caption decoder (CoCa-style), cross-attending to the image tokens; depth 0 -> none.
-      # max_len: the longest caption it writes (tokens, EOS included).
-      decoder=dict(depth=0, width=96, mlp_dim=384, num_heads=4, dropout=0.0, max_len=16),
+      # Fused features (models/fusion.py): strategy '' (none) | 'cross_attention' | 'co_attention'
+      # | 'early' | 'bottleneck' | 'weighted_sum' | 'late', and that strategy's own keys
+      # (fusion.OPTIONS), e.g. dict(strategy='cross_attention', query='text', context='image').
+      fusion=dict(strategy=''),
+      # Task heads by name (models/heads.py): classification, itm, mlm, vqa, caption, e.g.
+      # heads.itm = dict(pair=('image', 'text')); each has its own keys (heads.OPTIONS).
+      heads=dict(),
       # Speed and memory; none changes the maths. attention: 'auto' = cuDNN flash attention on
       # GPU in 16-bit, XLA elsewhere | 'xla' | 'cudnn' | 'explicit'. remat: 'none' | 'full' |
       # 'save_dots' | 'named' (keeps the activations named in remat_save, see models/layers.py).
@@ -76,8 +77,11 @@ def base() -> ConfigDict:
       scan_layers=False,
   ))
 
-  # name -> dict(weight=..., **kwargs); each name is registered in mmfusion/objectives.py.
-  c.objectives = ConfigDict({'softmax_contrastive': dict(weight=1.0)})
+  # name -> dict(weight=..., **kwargs); each name is registered in mmfusion/objectives/.
+  # Contrastive objectives bind `pairs` of modalities, each (a, b) or (a, b, weight).
+  c.objectives = ConfigDict({
+      'softmax_contrastive': dict(weight=1.0, pairs=(('image', 'text'),)),
+  })
 
   c.optim = ConfigDict(dict(
       lr=1e-3, warmup_steps=100, end_lr_ratio=0.0,
@@ -87,10 +91,10 @@ def base() -> ConfigDict:
   # name -> dict(type=..., every=..., **kwargs); types are registered in mmfusion/evals.
   c.evals = ConfigDict({
       'zeroshot': dict(type='zeroshot', every=250, split='test', batch_size=256,
-                       keep_if={'num_objects': 1},
+                       keep_if={'num_objects': 1}, modality='image', prompts='text',
                        templates=('a {}.', 'a picture of a {}.', 'there is a {}.')),
       'retrieval': dict(type='retrieval', every=500, split='validation', batch_size=256,
-                        keep_if={}),
+                        keep_if={}, pair=('image', 'text')),
   })
 
   c.log_every = 50
@@ -99,7 +103,7 @@ def base() -> ConfigDict:
       path='',                            # a checkpoint dir or a workdir; '' -> from scratch
       load='',                            # sub-tree of the saved params, e.g. 'image'; '' -> all
       into='',                            # sub-tree of the new params it goes to; '' -> same
-      skip=(),                            # new param sub-trees left at their init, e.g. ('head',)
+      skip=(),                            # new param sub-trees left at their init, e.g. ('vqa',)
   ))
   c.freeze = ()                           # top-level param sub-trees not trained, e.g. ('image',)
   # The device mesh: axis sizes within a granule (a TPU slice, or one process/host on GPU and
@@ -179,3 +183,116 @@ def smoke(config: ConfigDict) -> ConfigDict:
     config.evals[name].every = 0
     config.evals[name].batch_size = 32
   return config
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _need(ok: bool, message: str) -> None:
+  if not ok:
+    raise ValueError(message)
+
+
+def validate(config: ConfigDict, num_devices: int | None = None, num_granules: int = 1) -> None:
+  """Every check that needs neither data nor compute; the first failure raises ValueError (or
+  FileNotFoundError for a missing init_from path) naming the config key. `num_devices`: check the
+  mesh and the batch split against that many devices (in `num_granules` granules)."""
+  import jax  # noqa: PLC0415  (config files import this module; keep that light)
+  from mmfusion import checkpoint, evals, objectives, sharding
+  from mmfusion.data import ops
+  from mmfusion.models import fusion as fusion_lib
+  from mmfusion.models import heads as heads_lib
+  from mmfusion.models import model as model_lib
+
+  _need(config.total_steps > 0, f'config.total_steps = {config.total_steps}: must be > 0.')
+  _need(config.batch_size > 0, f'config.batch_size = {config.batch_size}: must be > 0.')
+  _need(config.batch_size % jax.process_count() == 0,
+        f'config.batch_size = {config.batch_size} must divide evenly over '
+        f'{jax.process_count()} processes.')
+  _need(config.data.image_size > 0,
+        f'config.data.image_size = {config.data.image_size}: must be > 0.')
+  _need(config.tokenizer.max_len >= 2, f'config.tokenizer.max_len = {config.tokenizer.max_len}: '
+        'must be >= 2 (one token and EOS).')
+  _need(config.log_every > 0, f'config.log_every = {config.log_every}: must be > 0.')
+  _need(config.checkpoint.every >= 0, 'config.checkpoint.every must be >= 0 (0: only at the end).')
+  _need(config.optim.lr > 0, f'config.optim.lr = {config.optim.lr}: must be > 0.')
+  if num_devices is not None:
+    shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(
+        config.mesh, num_devices, config.mesh_dcn, num_granules)))
+    rules = sharding.rules_from_config(config.sharding)
+    batch_axes = sharding.logical_axes_of(('batch',), rules)
+    dp = math.prod(shape[a] for a in batch_axes)
+    _need(config.batch_size % dp == 0,
+          f'config.batch_size = {config.batch_size} must be divisible by the data-parallel size '
+          f'{dp} (the batch is split over mesh axes {batch_axes} of sizes {shape}).')
+
+  inputs = tuple(config.data.inputs)
+  unknown = [i for i in inputs if i not in ops.REGISTRY]
+  _need(not unknown, f'config.data.inputs names {unknown}; known inputs: {sorted(ops.REGISTRY)}.')
+
+  # The model: every tower, the fusion and every head built (with placeholder sizes where the
+  # data decides them), which checks their keys and values.
+  model_lib.build(_with_placeholders(config.model), vocab_size=max(config.tokenizer.vocab_size, 8))
+  towers = set(config.model.towers)
+  heads = heads_lib.options(config.model.heads)
+  brings = _batch_modalities(inputs, towers, heads)
+
+  objectives.check_config(config.objectives)
+  for name, cfg in config.objectives.items():
+    for path in objectives.needs(name, cfg)[0]:
+      if path.startswith('embeddings/'):
+        m = path.split('/', 1)[1]
+        _need(m in towers, f'config.objectives.{name} binds {m!r}, which has no tower in '
+              f'config.model.towers (it has {sorted(towers)}).')
+        _need(m in brings, f'config.objectives.{name} binds {m!r}, which the batch lacks: '
+              f'config.data.inputs = {inputs} brings {sorted(brings)}.')
+
+  fusion = fusion_lib.options(config.model.fusion)
+  if fusion:
+    for key in ('query', 'context') if fusion['strategy'] == 'cross_attention' else ():
+      _need(fusion[key] in brings,
+            f'config.model.fusion.{key} = {fusion[key]!r} names a modality the batch lacks: '
+            f'config.data.inputs = {inputs} brings {sorted(brings)}.')
+    _need(len(brings) >= 2,
+          f"config.model.fusion.strategy = {fusion['strategy']!r} fuses modalities, but "
+          f'config.data.inputs = {inputs} brings only {sorted(brings)}.')
+  if 'caption' in heads:
+    _need(heads['caption']['max_len'] >= config.tokenizer.max_len,
+          f"config.model.heads.caption.max_len = {heads['caption']['max_len']} must be >= "
+          f'config.tokenizer.max_len = {config.tokenizer.max_len} (the texts it learns from).')
+
+  for name, cfg in config.evals.items():
+    evals.check(name, cfg, config)
+  if config.init_from.path:
+    checkpoint.find_step_dir(config.init_from.path)   # fails early with the path in the message
+
+
+def _batch_modalities(inputs, towers, heads) -> set[str]:
+  """The modalities a training batch brings to the model: its inputs that have a tower, and
+  the modality that reads the VQA question."""
+  brings = {i for i in inputs if i in towers}
+  if 'question' in inputs and 'vqa' in heads:
+    brings.add(heads['vqa']['question'])
+  return brings
+
+
+def _with_placeholders(model_config: ConfigDict) -> dict[str, Any]:
+  """config.model with the counts that come from the data (-1) set to 2, for checking."""
+  model = model_config.to_dict()
+  for head, key in (('classification', 'num_classes'), ('vqa', 'answers')):
+    if head in model['heads'] and model['heads'][head].get(key, -1) == -1:
+      model['heads'][head][key] = 2
+  return model
+
+
+def resolve(config: ConfigDict, source: Any) -> ConfigDict:
+  """A locked copy with the values that come from the data filled in: -1 classes of the
+  classification head (the dataset's labels) and -1 answers of the VQA head (the train split's
+  answer vocabulary)."""
+  config = ConfigDict(config.to_dict())
+  heads = config.model.heads
+  if 'classification' in heads and heads.classification.get('num_classes', -1) == -1:
+    heads.classification.num_classes = len(source.class_names())
+  if 'vqa' in heads and heads.vqa.get('answers', -1) == -1:
+    heads.vqa.answers = len(source.answers)
+  return lock(config)

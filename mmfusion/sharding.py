@@ -290,8 +290,12 @@ def to_host(tree):
 
 def host_to_global(tree: Any, sharding: NamedSharding) -> Any:
   """Process-local numpy batches -> global arrays whose leading axis is the concatenation of
-  every process's rows, split by `sharding` (e.g. `batch_sharding`)."""
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), tree)
+  every process's rows, split by `sharding` (e.g. `batch_sharding`); a spec longer than an
+  array's rank is cut to it, so one sharding serves entries of every rank."""
+  def put(x):
+    fitted = NamedSharding(sharding.mesh, P(*sharding.spec[:np.ndim(x)]))
+    return jax.make_array_from_process_local_data(fitted, x)
+  return jax.tree.map(put, tree)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

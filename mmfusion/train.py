@@ -1,13 +1,12 @@
 """The one trainer: every objective mix, every mesh, from scratch, resumed, or fine-tuned.
 
-`run(config, workdir)`: validate -> mesh -> tokenizer, model -> sharded state (created,
-restored, or initialised from another checkpoint) -> jitted steps -> evals -> checkpoints.
+`run(config, workdir)`: validate -> dataset, mesh -> model -> sharded state (created, restored,
+or initialised from another checkpoint) -> jitted steps -> evals -> checkpoints.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import signal
 import time
@@ -25,13 +24,16 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from mmfusion import checkpoint as ckpt_lib
+from mmfusion import config as config_lib
 from mmfusion import evals
 from mmfusion import objectives
 from mmfusion import optim
 from mmfusion import sharding
 from mmfusion import writers
-from mmfusion.data import pipeline
-from mmfusion.models import layers
+from mmfusion.data import ops as data_ops
+from mmfusion.data import sources
+from mmfusion.data import training as training_data
+from mmfusion.models import layout
 from mmfusion.models import model as model_lib
 
 
@@ -45,80 +47,11 @@ class TrainState:
 
 # ----------------------------------------------------------------------------- set-up
 
-def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy with the values that depend on the data filled in (e.g. head.num_classes=-1)."""
-  config = ml_collections.ConfigDict(config.to_dict())
-  if config.model.head.num_classes == -1:
-    config.model.head.num_classes = len(pipeline.class_names(config))
-  if config.model.heads.vqa_answers == -1:
-    config.model.heads.vqa_answers = len(pipeline.answer_vocab(config))
-  config.lock()
-  return config
-
-
-def validate(config: ml_collections.ConfigDict, num_devices: int, num_granules: int = 1) -> None:
-  """Impossible values fail here, before data or compute, naming the key."""
-  def need(ok: bool, msg: str):
-    if not ok:
-      raise ValueError(msg)
-  need(config.total_steps > 0, f'config.total_steps = {config.total_steps}: must be > 0.')
-  need(config.batch_size > 0, f'config.batch_size = {config.batch_size}: must be > 0.')
-  need(config.batch_size % jax.process_count() == 0,
-       f'config.batch_size = {config.batch_size} must divide evenly over '
-       f'{jax.process_count()} processes.')
-  need(config.data.image_size > 0, f'config.data.image_size = {config.data.image_size}: must be > 0.')
-  need(config.tokenizer.max_len >= 2, f'config.tokenizer.max_len = {config.tokenizer.max_len}: '
-       'must be >= 2 (one token and EOS).')
-  need(config.log_every > 0, f'config.log_every = {config.log_every}: must be > 0.')
-  need(config.checkpoint.every >= 0, 'config.checkpoint.every must be >= 0 (0: only at the end).')
-  need(config.optim.lr > 0, f'config.optim.lr = {config.optim.lr}: must be > 0.')
-  shape = sharding.mesh_shape(config.mesh, num_devices, config.mesh_dcn, num_granules)
-  rules = sharding.rules_from_config(config.sharding)
-  batch_axes = sharding.logical_axes_of(('batch',), rules)
-  dp = math.prod(dict(zip(sharding.MESH_AXES, shape))[a] for a in batch_axes)
-  need(config.batch_size % dp == 0,
-       f'config.batch_size = {config.batch_size} must be divisible by the data-parallel size '
-       f'{dp} (the batch is split over mesh axes {batch_axes} of sizes '
-       f'{dict(zip(sharding.MESH_AXES, shape))}).')
-  for name, cfg in config.evals.items():
-    need(int(cfg.get('every', 0)) >= 0, f'config.evals.{name}.every must be >= 0.')
-  fusion = config.model.fusion
-  if fusion.strategy:
-    # The modalities a batch can bring to the fusion: the image, and text as captions or
-    # questions.
-    present = sorted({'image'} & set(config.data.inputs)
-                     | ({'text'} if {'text', 'question'} & set(config.data.inputs) else set()))
-    for key in ('query', 'context') if fusion.strategy == 'cross_attention' else ():
-      need(fusion[key] in present,
-           f'config.model.fusion.{key} = {fusion[key]!r} names a modality the batch lacks: '
-           f'config.data.inputs = {tuple(config.data.inputs)} brings {present}.')
-    need(len(present) >= 2,
-         f'config.model.fusion.strategy = {fusion.strategy!r} fuses image and text, but '
-         f'config.data.inputs = {tuple(config.data.inputs)} brings only {present}.')
-  if config.model.decoder.depth:
-    need(config.model.decoder.max_len >= config.tokenizer.max_len,
-         f'config.model.decoder.max_len = {config.model.decoder.max_len} must be >= '
-         f'config.tokenizer.max_len = {config.tokenizer.max_len} (the captions it learns from).')
-  if config.init_from.path:
-    ckpt_lib.find_step_dir(config.init_from.path)   # fails early with the path in the message
-
-
 def init_batch(config: ml_collections.ConfigDict, batch: int = 2) -> dict[str, jax.ShapeDtypeStruct]:
-  """Abstract batch the model is initialised and checked with."""
-  s, l = config.data.image_size, config.tokenizer.max_len
-  known = {
-      'image': jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32),
-      'text': jax.ShapeDtypeStruct((batch, l), jnp.int32),
-      'text_mask': jax.ShapeDtypeStruct((batch, l), jnp.bool_),
-      'label': jax.ShapeDtypeStruct((batch,), jnp.int32),
-      'question': jax.ShapeDtypeStruct((batch, l), jnp.int32),
-      'question_mask': jax.ShapeDtypeStruct((batch, l), jnp.bool_),
-      'answer': jax.ShapeDtypeStruct((batch,), jnp.int32),
-  }
-  unknown = set(config.data.inputs) - set(known)
-  if unknown:
-    raise ValueError(f'config.data.inputs names {sorted(unknown)}; known batch keys: {sorted(known)}.')
-  return {k: known[k] for k in config.data.inputs}
+  """Abstract batch the model is initialised and checked with: what config.data.inputs
+  promises (each input op's training entries)."""
+  return {k: jax.ShapeDtypeStruct(shape, dtype)
+          for k, (shape, dtype) in data_ops.training_spec(config, batch).items()}
 
 
 def check_batch(batch: dict[str, Any], expected: dict[str, jax.ShapeDtypeStruct]) -> None:
@@ -130,8 +63,8 @@ def check_batch(batch: dict[str, Any], expected: dict[str, jax.ShapeDtypeStruct]
     if tuple(got.shape[1:]) != tuple(spec.shape[1:]):
       raise ValueError(
           f'batch[{key!r}] has shape {tuple(got.shape)}, but the config implies '
-          f'[batch, {", ".join(map(str, spec.shape[1:]))}] (config.data.image_size / '
-          'config.tokenizer.max_len).')
+          f'[batch, {", ".join(map(str, spec.shape[1:]))}] (config.data.inputs and their '
+          'sizes, e.g. config.data.image_size / config.tokenizer.max_len).')
 
 
 def log(message: str) -> None:
@@ -186,7 +119,7 @@ class TrainProgram:
     self._check_names(nn.unbox(boxed)['params'])
     abstract_out = jax.eval_shape(
         lambda v, b: self.model.apply(v, b), nn.unbox(boxed), self.expected_batch)
-    objectives.check(config.objectives, abstract_out, set(self.expected_batch))
+    objectives.check_outputs(config.objectives, abstract_out, set(self.expected_batch))
 
     self.abstract_state = jax.eval_shape(self._init_state, jax.random.key(0))
     self.state_specs = TrainState(
@@ -259,16 +192,18 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
-    validate(config, jax.device_count(), sharding.granules()[0])
-    self.config = config = resolve(config)
+    config_lib.validate(config, jax.device_count(), sharding.granules()[0])
+    self.source = sources.Source(config)
+    self.config = config = config_lib.resolve(config, self.source)
     self.mesh = sharding.make_mesh(config.mesh, dcn_config=config.mesh_dcn)
-    self.tokenizer = pipeline.get_tokenizer(config)
-    self.program = program = TrainProgram(config, self.tokenizer.vocab_size, self.mesh)
+    vocab_size = (self.source.tokenizer.vocab_size
+                  if model_lib.reads_tokens(config.model) else 0)
+    self.program = program = TrainProgram(config, vocab_size, self.mesh)
     self.model, self.expected_batch = program.model, program.expected_batch
     self._report_layout()
 
     self.evaluators = {
-        name: evals.build(name, cfg, model=self.model, config=config, tokenizer=self.tokenizer,
+        name: evals.build(name, cfg, model=self.model, config=config, source=self.source,
                           mesh=self.mesh, rules=program.rules)
         for name, cfg in config.evals.items()}
     self.checkpointer = ckpt_lib.Checkpointer(
@@ -321,10 +256,13 @@ class Trainer:
     source = ckpt_lib.find_step_dir(cfg.path) + (f' [{cfg.load}]' if cfg.load else '')
     current = sharding.to_host(state.params)
     loaded = ckpt_lib.load_params(cfg.path, cfg.load)
-    scanned = layers.is_scanned(current)
-    if layers.is_scanned(loaded) not in (None, scanned):
+    loaded, renamed = ckpt_lib.upgrade_legacy(loaded)
+    if renamed:
+      log(f'renamed the heads of {source} to their names in config.model.heads: {renamed}.')
+    scanned = layout.is_scanned(current)
+    if layout.is_scanned(loaded) not in (None, scanned):
       # Checkpoints convert between scanned and unrolled towers (config.model.scan_layers).
-      loaded = layers.match_layout(loaded, current)
+      loaded = layout.match_layout(loaded, current)
       log(f"converted {source} to the {'scanned' if scanned else 'unrolled'} layer layout.")
     merged = ckpt_lib.merge_params(
         current, loaded, into=cfg.into or cfg.load, skip=tuple(cfg.skip),
@@ -375,8 +313,8 @@ class Trainer:
         f.write(config.to_json_best_effort(indent=2))
     state, _ = self.create_state()
     start = int(state.step)
-    self.steps_per_epoch = pipeline.steps_per_epoch(config)
-    batches = pipeline.train_iterator(config, self.tokenizer, self.program.batch_sharding, start_step=start)
+    self.steps_per_epoch = training_data.steps_per_epoch(self.source)
+    batches = training_data.batches(self.source, self.program.batch_sharding, start_step=start)
 
     pending: list[dict[str, jax.Array]] = []
     final: dict[str, float] = {}

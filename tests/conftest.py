@@ -26,9 +26,9 @@ from tiny_data import make_config  # noqa: E402
 
 @pytest.fixture(scope='session')
 def data_dir(tmp_path_factory):
-  from mmfusion.data import pipeline
+  from mmfusion.data import sources
   directory = tmp_path_factory.mktemp('datasets')
-  pipeline.get_builder(make_config(directory).data)
+  sources.get_builder(make_config(directory).data)
   return directory
 
 
@@ -37,10 +37,17 @@ def config(data_dir):
   return make_config(data_dir)
 
 
+@pytest.fixture
+def source(config):
+  """The tiny dataset as a run sees it (data.sources.Source of `config`)."""
+  from mmfusion.data import sources
+  return sources.Source(config)
+
+
 @pytest.fixture(scope='session')
 def tok(data_dir):
-  from mmfusion.data import pipeline
-  return pipeline.get_tokenizer(make_config(data_dir))
+  from mmfusion.data import sources
+  return sources.Source(make_config(data_dir)).tokenizer
 
 
 @pytest.fixture(scope='session')

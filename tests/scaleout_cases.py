@@ -43,8 +43,8 @@ def small_config(mesh: dict[str, int], preset: str = 'fsdp_tensor', batch_size: 
   config.tokenizer.max_len = 8
   config.tokenizer.vocab_size = VOCAB
   config.model.embed_dim = 32
-  config.model.image.update(patch_size=8, width=32, depth=2, mlp_dim=64, num_heads=4)
-  config.model.text.update(width=32, depth=2, mlp_dim=64, num_heads=4)
+  config.model.towers.image.update(patch_size=8, width=32, depth=2, mlp_dim=64, num_heads=4)
+  config.model.towers.text.update(width=32, depth=2, mlp_dim=64, num_heads=4)
   config.model.attention = 'xla'
   config.optim.warmup_steps = 0           # the first step must move the parameters
   config.mesh.update(mesh)

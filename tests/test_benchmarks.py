@@ -34,17 +34,17 @@ def _analytic_train_flops(config):
   MLP (2 W M), and attention scores + weighted sum (2 N W MACs; XLA computes the full N x N
   under a causal mask too); plus the patch embedding, both projections and the B x B logits."""
   batch, embed = config.batch_size, config.model.embed_dim
-  size, patch = config.data.image_size, config.model.image.patch_size
+  size, patch = config.data.image_size, config.model.towers.image.patch_size
   patches = (size // patch) ** 2
 
   def encoder(tokens, tower):
     w, m = tower.width, tower.mlp_dim
     return tokens * tower.depth * (2 * (4 * w * w + 2 * w * m) + 2 * 2 * tokens * w)
 
-  image_w, text_w = config.model.image.width, config.model.text.width
-  image = (encoder(patches + 1, config.model.image)          # + cls token
+  image_w, text_w = config.model.towers.image.width, config.model.towers.text.width
+  image = (encoder(patches + 1, config.model.towers.image)          # + cls token
            + patches * 2 * (patch * patch * 3) * image_w + 2 * image_w * embed)
-  text = encoder(config.tokenizer.max_len, config.model.text) + 2 * text_w * embed
+  text = encoder(config.tokenizer.max_len, config.model.towers.text) + 2 * text_w * embed
   return 3 * (batch * (image + text) + 2 * batch * batch * embed)
 
 
@@ -223,8 +223,8 @@ def test_open_clip_spec_has_the_config_architecture():
                                   layers=12, mlp_ratio=4.0, no_causal_mask=False, pad_id=0,
                                   eos_id=3, pool_type='eos')
   assert spec['embed_dim'] == 512 and spec['precision'] == 'amp_bf16'
-  config.model.image.pool = 'map'
-  with pytest.raises(ValueError, match='config.model.image.pool'):
+  config.model.towers.image.pool = 'map'
+  with pytest.raises(ValueError, match='config.model.towers.image.pool'):
     open_clip_step.spec(config)
 
 

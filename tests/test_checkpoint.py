@@ -85,3 +85,47 @@ def test_missing_and_unreadable_checkpoints_name_the_path(tmp_path):
   (bad / 'garbage').write_text('not a checkpoint')
   with pytest.raises(ckpt.CheckpointError, match='unreadable'):
     ckpt.load_params(str(tmp_path / 'bad'))
+
+
+def _legacy_albef_and_coca_params(new):
+  """The params of `new` (a current model's) laid out as mmfusion wrote them before heads were
+  named as in config.model.heads: written out by hand from that layout."""
+  return {
+      'image': new['image'], 'text': new['text'], 'fusion': new['fusion'],
+      'logit_scale': new['logit_scale'], 'logit_bias': new['logit_bias'],
+      'head': {'kernel': new['classification']['dense']['kernel'],
+               'bias': new['classification']['dense']['bias']},
+      'itm_head': {'head': new['itm']['classifier']['head']},
+      'mlm_head': {'kernel': new['mlm']['vocab']['kernel'], 'bias': new['mlm']['vocab']['bias']},
+      'caption_decoder': new['caption']['decoder'],
+  }
+
+
+def test_legacy_head_names_load_into_the_current_layout():
+  from mmfusion.models import model as model_lib
+  towers = dict(image=dict(type='vit', patch_size=8, width=16, depth=1, mlp_dim=32, num_heads=2),
+                text=dict(type='text', width=16, depth=1, mlp_dim=32, num_heads=2))
+  model_config = dict(
+      embed_dim=8, dtype='float32', param_dtype='float32', attention='auto', remat='none',
+      remat_save=(), scan_layers=False, temperature_init=10.0, temperature_max=100.0,
+      bias_init=0.0, towers=towers,
+      fusion=dict(strategy='cross_attention', width=16, depth=1, num_heads=2, mlp_dim=32,
+                  query='text', context='image'),
+      heads=dict(classification=dict(num_classes=3, input='image'), itm=dict(pair=('image', 'text')),
+                 mlm=dict(modality='text', context='image'),
+                 caption=dict(target='text', context='image', width=16, depth=1, mlp_dim=32,
+                              num_heads=2, max_len=8)))
+  model = model_lib.build(model_config, vocab_size=20)
+  batch = {'image': jnp.zeros((2, 16, 16, 3)), 'text': jnp.ones((2, 8), jnp.int32),
+           'text_mask': jnp.ones((2, 8), bool)}
+  params = jax.tree.map(np.asarray, model.init(jax.random.key(0), batch)['params'])
+  params = jax.tree.map(lambda x: getattr(x, 'value', x), params,
+                        is_leaf=lambda x: hasattr(x, 'value'))
+  upgraded, renamed = ckpt.upgrade_legacy(_legacy_albef_and_coca_params(params))
+  assert sorted(renamed) == ['caption_decoder -> caption/decoder', 'head -> classification/dense',
+                             'itm_head -> itm/classifier', 'mlm_head -> mlm/vocab']
+  merged = ckpt.merge_params(params, upgraded)      # strict: names and shapes must all match
+  jax.tree.map(np.testing.assert_array_equal, merged, params)
+  # A current tree passes unchanged.
+  same, renamed = ckpt.upgrade_legacy(params)
+  assert renamed == [] and all(same[k] is params[k] for k in params) and same.keys() == params.keys()

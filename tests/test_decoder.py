@@ -20,9 +20,10 @@ B, N, WC, MAX_LEN = 3, 5, 12, 6
 EOS, BOS, PAD = decoder_lib.EOS_ID, decoder_lib.BOS_ID, decoder_lib.PAD_ID
 
 
-def make_decoder(vocab_size=13, max_len=MAX_LEN, **kw):
-  return decoder_lib.TextDecoder(vocab_size=vocab_size, width=16, depth=2, mlp_dim=32,
-                                 num_heads=2, max_len=max_len, **kw)
+def make_decoder(vocab_size=13, max_len=MAX_LEN, **stack):
+  """A tiny decoder; `stack` changes its StackOptions (sizes, dtypes, attention)."""
+  options = layers.StackOptions(**{**dict(width=16, depth=2, mlp_dim=32, num_heads=2), **stack})
+  return decoder_lib.TextDecoder(vocab_size=vocab_size, max_len=max_len, stack=options)
 
 
 def make_context(seed=0, batch=B):

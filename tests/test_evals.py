@@ -1,5 +1,5 @@
 """Tests of mmfusion.evals: metrics against hand computations and brute-force references,
-evaluators end to end with a table-lookup Flax model and a fake eval pipeline.
+evaluators end to end with a table-lookup Flax model, a fake source and fake eval batches.
 """
 from __future__ import annotations
 
@@ -12,11 +12,14 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
-import mmfusion.data
 from mmfusion import config as config_lib
 from mmfusion import evals
+from mmfusion.data import evaluation
+from mmfusion.data import ops
 from mmfusion.evals import metrics
+from mmfusion.evals import retrieval
 
 IMAGE_SIZE = 2
 MAX_LEN = 4
@@ -145,37 +148,56 @@ def test_classification_metrics_reject_bad_input():
 
 
 class TableModel(nn.Module):
-  """Embeddings looked up in param tables: image i -> image_table[pixel 0 of image i],
-  text -> text_table[first token id]; logits = image embedding @ head.
+  """Embeddings looked up in param tables: every modality m of the batch (its `<m>` entry,
+  masks aside) -> <m>_table[first element of the example's entry]: image i -> image_table[pixel
+  0 of image i], text -> text_table[first token id]. The classification logits are the
+  `classify` modality's embedding @ head.
 
   Tables of any shape are read with get_variable (never initialised): the tests give them.
   """
+  classify: str = 'image'
 
   @nn.compact
   def __call__(self, batch, train=False):
     assert not train, 'evaluators must run the model in inference mode'
-    out = {'embeddings': {}, 'logit_scale': jnp.float32(10.0)}
-    if 'image' in batch:
-      table = self.get_variable('params', 'image_table')
-      idx = batch['image'][:, 0, 0, 0].astype(jnp.int32)
-      emb = table[idx]
-      out['embeddings']['image'] = emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)
-      out['logits'] = out['embeddings']['image'] @ self.get_variable('params', 'head')
-    if 'text' in batch:
-      table = self.get_variable('params', 'text_table')
-      emb = table[batch['text'][:, 0]]
-      out['embeddings']['text'] = emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)
+    out = {'embeddings': {}, 'tokens': {}, 'masks': {}, 'pooled': {},
+           'logit_scale': jnp.float32(10.0)}
+    for m, x in batch.items():
+      if m.endswith('_mask'):
+        continue
+      raw = self.get_variable('params', f'{m}_table')[
+          x.reshape(x.shape[0], -1)[:, 0].astype(jnp.int32)]
+      out['embeddings'][m] = raw / jnp.linalg.norm(raw, axis=-1, keepdims=True)
+      # What the ITM head reads when retrieval re-ranks: the raw rows, one token each.
+      out['pooled'][m], out['tokens'][m] = raw, raw[:, None]
+      out['masks'][m] = jnp.ones((x.shape[0], 1), jnp.bool_)
+    if self.classify in out['embeddings']:
+      logits = out['embeddings'][self.classify] @ self.get_variable('params', 'head')
+      out['classification'] = {'logits': logits}
     return out
 
+  def fused_logits(self, head, encoded):
+    """An ITM head: match logit (image tokens @ itm_table) . text pooled, no-match logit 0;
+    NaN where a mask is off, so tower outputs paired up wrongly cannot go unnoticed."""
+    assert head == 'itm' and sorted(encoded) == ['image', 'text'], (head, sorted(encoded))
+    image, text = encoded['image'], encoded['text']
+    match = jnp.sum((image.tokens[:, 0] @ self.get_variable('params', 'itm_table'))
+                    * text.pooled, axis=-1)
+    match = jnp.where(image.mask[:, 0] & text.mask[:, 0], match, jnp.nan)
+    return jnp.stack([jnp.zeros_like(match), match], axis=-1)
 
-def table_params(image_table, text_table=None, head=None):
+
+def table_params(image_table, text_table=None, head=None, **tables):
+  """Params of TableModel; `tables`: more <name>_table entries (other modalities, itm)."""
   dim = image_table.shape[1]
-  return {
+  params = {
       'image_table': jnp.asarray(image_table, jnp.float32),
       'text_table': jnp.asarray(np.eye(1, dim) if text_table is None else text_table,
                                 jnp.float32),
       'head': jnp.asarray(np.zeros((dim, 1)) if head is None else head, jnp.float32),
   }
+  params.update({f'{name}_table': jnp.asarray(t, jnp.float32) for name, t in tables.items()})
+  return params
 
 
 class FakeTokenizer:
@@ -192,8 +214,50 @@ class FakeTokenizer:
     return ids, mask
 
 
-def make_batches(labels, captions=None, batch_size=4, caption_valid=None):
-  """Example i: image whose pixel 0 is i, label[i], captions[i] (one token id per caption).
+class FakeSource:
+  """What the evaluators read of a data.sources.Source: the config, the tokenizer, the
+  features the image and text ops check, and the class names."""
+  where = 'fake'
+
+  def __init__(self, config, tokenizer=None, names=()):
+    self.config = config
+    self.tokenizer = tokenizer
+    self.names = list(names)
+    self.features = {'image': tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3)),
+                     'captions': tfds.features.Text()}
+
+  def class_names(self):
+    return list(self.names)
+
+
+class InfraredOp(ops.Op):
+  """A second non-text modality without an items axis: infrared float32 [B, 3]."""
+  name = 'infrared'
+
+  def spec(self, batch_size):
+    return {'infrared': ((batch_size, 3), np.float32)}
+
+
+class SpeechOp(ops.Op):
+  """A non-text modality with an items axis in evaluation, like text: speech float32 [B, 3]
+  and speech_mask [B, 3] in training, [B, K, 3] in evaluation."""
+  name = 'speech'
+
+  def spec(self, batch_size):
+    return {'speech': ((batch_size, 3), np.float32), 'speech_mask': ((batch_size, 3), np.bool_)}
+
+
+@pytest.fixture
+def modalities(monkeypatch):
+  """Registers the ops of the fake modalities 'infrared' and 'speech' for one test."""
+  for op in (InfraredOp, SpeechOp):
+    monkeypatch.setitem(ops.REGISTRY, op.name, op)
+
+
+def make_batches(labels, captions=None, batch_size=4, caption_valid=None, items=None):
+  """Example i: image and infrared whose element 0 is i, label[i], captions[i] (one token id
+  per caption), and `items`: more modalities with an items axis, name -> (ids [N, K],
+  valid [N, K]), each item a vector whose element 0 is its id (mask all False if not valid).
 
   The last batch is padded to batch_size with copies of example 0 carrying a wrong label,
   marked _valid False: counted by mistake, they would change every metric.
@@ -210,42 +274,58 @@ def make_batches(labels, captions=None, batch_size=4, caption_valid=None):
     take = np.concatenate([idx, np.zeros(pad, int)])
     image = np.zeros((batch_size, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
     image[:, 0, 0, 0] = take
+    infrared = np.zeros((batch_size, 3), np.float32)
+    infrared[:, 0] = take
     ids = np.zeros((batch_size, k, MAX_LEN), np.int32)
     ids[:, :, 0] = captions[take]
     mask = np.zeros((batch_size, k, MAX_LEN), np.bool_)
     mask[:, :, 0] = caption_valid[take]
     label = labels[take].astype(np.int32)
     label[len(idx):] = label[len(idx):] + 1
-    batches.append(dict(
-        image=image, captions=ids, captions_mask=mask, label=label,
-        num_objects=np.ones(batch_size, np.int32),
-        _valid=np.arange(batch_size) < len(idx)))
+    batch = dict(image=image, infrared=infrared, text=ids, text_mask=mask, label=label,
+                 num_objects=np.ones(batch_size, np.int32),
+                 _valid=np.arange(batch_size) < len(idx))
+    for name, (item_ids, item_valid) in (items or {}).items():
+      values = np.zeros((batch_size, item_ids.shape[1], 3), np.float32)
+      values[:, :, 0] = item_ids[take]
+      batch[name] = values
+      batch[f'{name}_mask'] = np.repeat(item_valid[take][..., None], 3, axis=-1)
+    batches.append(batch)
   return batches
 
 
 @pytest.fixture
-def pipeline(monkeypatch):
-  """Replaces mmfusion.data.pipeline (real or not yet written) with a recording fake."""
-  fake = types.ModuleType('mmfusion.data.pipeline')
-  fake.batches, fake.names, fake.calls = [], [], []
+def data(monkeypatch):
+  """Replaces mmfusion.data.evaluation.batches with a recording fake that yields
+  `data.batches`, keeping only the entries of the inputs asked for (and of keep_if), as the
+  real one does: an evaluator that reads an input it did not declare fails."""
+  fake = types.SimpleNamespace(batches=[], calls=[])
 
-  def eval_batches(config, split, tokenizer, batch_size, keep_if=None):
-    fake.calls.append(dict(split=split, batch_size=batch_size, keep_if=keep_if))
+  def batches(source, split, inputs, batch_size, keep_if=None):
+    fake.calls.append(dict(source=source, split=split, inputs=tuple(inputs),
+                           batch_size=batch_size, keep_if=keep_if))
+    keep = {k for name in inputs for k in (name, f'{name}_mask')} | set(keep_if or ()) | {
+        '_valid'}
     for batch in fake.batches:
-      assert batch['image'].shape[0] == batch_size
-      yield {k: v.copy() for k, v in batch.items()}
+      assert batch['_valid'].shape[0] == batch_size
+      yield {k: v.copy() for k, v in batch.items() if k in keep}
 
-  fake.eval_batches = eval_batches
-  fake.class_names = lambda config: list(fake.names)
-  monkeypatch.setitem(sys.modules, 'mmfusion.data.pipeline', fake)
-  monkeypatch.setattr(mmfusion.data, 'pipeline', fake, raising=False)
+  monkeypatch.setattr(evaluation, 'batches', batches)
   return fake
 
 
-def make_config(num_classes=0):
+def make_config(num_classes=None, **heads):
+  """The base config with the fakes' sizes; a classification head on the image when
+  num_classes is given, `heads` more heads; towers also for the fake modalities."""
   config = config_lib.base()
   config.tokenizer.max_len = MAX_LEN
-  config.model.head.num_classes = num_classes
+  config.data.image_size = IMAGE_SIZE
+  config.model.towers.infrared = dict(type='fake')
+  config.model.towers.speech = dict(type='fake')
+  if num_classes is not None:
+    config.model.heads.classification = dict(num_classes=num_classes, input='image')
+  for name, options in heads.items():
+    config.model.heads[name] = options
   return config
 
 
@@ -262,88 +342,101 @@ CLASSES = ['red circle', 'blue square', 'green triangle']
 TEMPLATES = ('a {}.', 'a picture of a {}.')
 
 
-def zeroshot_setup(pipeline, labels, templates=TEMPLATES, classes=CLASSES, batch_size=4):
-  pipeline.names = classes
-  pipeline.batches = make_batches(labels, batch_size=batch_size)
+def zeroshot_setup(data, labels, templates=TEMPLATES, classes=CLASSES, batch_size=4,
+                   modality='image'):
+  data.batches = make_batches(labels, batch_size=batch_size)
   prompts = [t.format(c) for t in templates for c in classes]   # not the evaluator's order
   tokenizer = FakeTokenizer(prompts)
+  config = make_config()
+  source = FakeSource(config, tokenizer, classes)
   evaluator = evals.build('zs', dict(type='zeroshot', every=10, split='test',
                                      batch_size=batch_size, keep_if={'num_objects': 1},
-                                     templates=templates),
-                          model=TableModel(), config=make_config(), tokenizer=tokenizer)
+                                     templates=templates, modality=modality, prompts='text'),
+                          model=TableModel(), config=config, source=source)
   return evaluator, tokenizer
 
 
-def test_zeroshot_perfect_model_and_padding_ignored(pipeline):
+def test_zeroshot_perfect_model_and_padding_ignored(data):
   labels = np.array([0, 1, 2, 2, 1, 0, 1])                         # 2 batches, 1 padding row
-  evaluator, tokenizer = zeroshot_setup(pipeline, labels)
+  evaluator, tokenizer = zeroshot_setup(data, labels)
   text_table = np.zeros((len(tokenizer.vocab), 3))
   for prompt, i in tokenizer.vocab.items():
     text_table[i, [c in prompt for c in CLASSES].index(True)] = 1.0
   results = run(evaluator, table_params(np.eye(3)[labels], text_table))
   assert results == {'accuracy': 1.0, 'macro_f1': 1.0, 'num_examples': 7.0}
-  assert pipeline.calls == [dict(split='test', batch_size=4, keep_if={'num_objects': 1})]
+  assert data.calls == [dict(source=evaluator.source, split='test', inputs=('image', 'label'),
+                             batch_size=4, keep_if={'num_objects': 1})]
 
 
-def test_zeroshot_averages_templates_and_renormalises(pipeline):
+def test_zeroshot_averages_templates_and_renormalises(data):
   # Image of class 0 = e0. Class 0's prompts disagree (e0, e2): mean (e0+e2)/2, score 0.5,
   # 0.707 once renormalised. Class 1's prompts agree on 0.6 e0 + 0.8 e1: score 0.6.
   # Only the renormalised ensemble picks class 0.
   classes = ['red circle', 'blue square']
-  evaluator, tokenizer = zeroshot_setup(pipeline, np.array([0]), classes=classes)
+  evaluator, tokenizer = zeroshot_setup(data, np.array([0]), classes=classes)
   rows = {'a red circle.': [1, 0, 0], 'a picture of a red circle.': [0, 0, 1],
           'a blue square.': [0.6, 0.8, 0], 'a picture of a blue square.': [0.6, 0.8, 0]}
   text_table = np.array([rows[p] for p in sorted(tokenizer.vocab, key=tokenizer.vocab.get)])
   assert run(evaluator, table_params(np.eye(3)[[0]], text_table))['accuracy'] == 1.0
 
 
-def test_zeroshot_matches_numpy_reference(pipeline):
+@pytest.mark.parametrize('modality', ['image', 'infrared'])
+def test_zeroshot_matches_numpy_reference(data, modality):
+  # Any modality can be classified against the text prompts: its own embeddings, its own
+  # entries in the batches.
   rng = np.random.default_rng(3)
   labels = rng.integers(0, 3, 23)
-  evaluator, tokenizer = zeroshot_setup(pipeline, labels, batch_size=5)
-  image_table = rng.normal(size=(23, 4))
+  evaluator, tokenizer = zeroshot_setup(data, labels, batch_size=5, modality=modality)
+  table = rng.normal(size=(23, 4))
   text_table = rng.normal(size=(len(tokenizer.vocab), 4))
   text = normalize(text_table)
   classes = normalize(np.stack([
       np.mean([text[tokenizer.vocab[t.format(c)]] for t in TEMPLATES], axis=0)
       for c in CLASSES]))
-  pred = np.argmax(normalize(image_table) @ classes.T, axis=1)
-  results = run(evaluator, table_params(image_table, text_table))
+  pred = np.argmax(normalize(table) @ classes.T, axis=1)
+  # The other modality's table is upside down: read by mistake, it would change every answer.
+  params = lambda text_table: table_params(
+      table if modality == 'image' else -table, text_table,
+      infrared=table if modality == 'infrared' else -table)
+  results = run(evaluator, params(text_table))
   assert results['accuracy'] == pytest.approx(np.mean(pred == labels))
   assert results['macro_f1'] == pytest.approx(ref_macro_f1(pred, labels, 3))
   assert 0 < results['accuracy'] < 1                               # the case is informative
+  assert data.calls[0]['inputs'] == (modality, 'label')
   # Same evaluator, other params: the second run recomputes the class embeddings.
-  assert run(evaluator, table_params(image_table, -text_table))['accuracy'] != pytest.approx(
-      results['accuracy'])
+  assert run(evaluator, params(-text_table))['accuracy'] != pytest.approx(results['accuracy'])
 
 
 # ----------------------------------------------------------------------------- retrieval
 
 
-def retrieval_evaluator(batch_size=4):
+def retrieval_evaluator(batch_size=4, pair=('image', 'text'), config=None, **options):
+  config = config or make_config()
   return evals.build('ret', dict(type='retrieval', every=0, split='validation',
-                                 batch_size=batch_size, keep_if={}),
-                     model=TableModel(), config=make_config(), tokenizer=None)
+                                 batch_size=batch_size, keep_if={}, pair=pair, **options),
+                     model=TableModel(), config=config, source=FakeSource(config))
 
 
-def test_retrieval_perfect_model(pipeline):
+def test_retrieval_perfect_model(data):
   n, k = 6, 2
   captions = np.arange(n * k).reshape(n, k)
-  pipeline.batches = make_batches(np.zeros(n, int), captions)
+  data.batches = make_batches(np.zeros(n, int), captions)
   text_table = np.eye(n)[np.arange(n * k) // k]                   # caption (i, j) -> e_i
-  results = run(retrieval_evaluator(), table_params(np.eye(n), text_table))
+  evaluator = retrieval_evaluator()
+  results = run(evaluator, table_params(np.eye(n), text_table))
   assert results == {'i2t_r1': 1.0, 'i2t_r5': 1.0, 'i2t_r10': 1.0,
                      't2i_r1': 1.0, 't2i_r5': 1.0, 't2i_r10': 1.0,
-                     'num_images': 6.0, 'num_captions': 12.0}
-  assert pipeline.calls == [dict(split='validation', batch_size=4, keep_if=None)]
+                     'num_image': 6.0, 'num_text': 12.0}
+  assert data.calls == [dict(source=evaluator.source, split='validation',
+                             inputs=('image', 'text'), batch_size=4, keep_if=None)]
 
 
-def test_retrieval_permuted_model_hand_computed(pipeline):
+def test_retrieval_permuted_model_hand_computed(data):
   # 4 images (e_i), 2 captions each; images 0 and 1 have their captions swapped (both of
   # image 0's captions embed to e_1 and vice versa). Every score is exactly 0 or 1.
   n, k = 4, 2
   captions = np.arange(n * k).reshape(n, k)
-  pipeline.batches = make_batches(np.zeros(n, int), captions, batch_size=3)
+  data.batches = make_batches(np.zeros(n, int), captions, batch_size=3)
   swap = np.array([1, 0, 2, 3])
   text_table = np.eye(n)[swap[np.arange(n * k) // k]]
   results = run(retrieval_evaluator(batch_size=3), table_params(np.eye(n), text_table))
@@ -354,17 +447,25 @@ def test_retrieval_permuted_model_hand_computed(pipeline):
   # Hit@1: 0, hit@5: 1 (4 slots >= 3 tied). Captions of images 2, 3 are perfect.
   assert results == pytest.approx({'i2t_r1': 0.5, 'i2t_r5': 0.9, 'i2t_r10': 1.0,
                                    't2i_r1': 0.5, 't2i_r5': 1.0, 't2i_r10': 1.0,
-                                   'num_images': 4.0, 'num_captions': 8.0})
+                                   'num_image': 4.0, 'num_text': 8.0})
 
 
-def test_retrieval_matches_argsort_reference_and_skips_padding_captions(pipeline):
+def brute_force_recall(queries, query_owner, candidates, candidate_owner, ks=(1, 5, 10)):
+  """Recall@k by sorting every query's scores: the rank of the first candidate of the
+  query's own example (no ties: random embeddings)."""
+  first = [np.flatnonzero(candidate_owner[np.argsort(-(candidates @ q))] == o)[0]
+           for q, o in zip(queries, query_owner)]
+  return {k: float(np.mean(np.array(first) < k)) for k in ks}
+
+
+def test_retrieval_matches_argsort_reference_and_skips_padding_captions(data):
   rng = np.random.default_rng(4)
   n, k, dim = 14, 3, 6
   captions = np.arange(n * k).reshape(n, k)
   caption_valid = np.ones((n, k), bool)
   caption_valid[[2, 9], 2] = False                                 # images with 2 captions
-  pipeline.batches = make_batches(np.zeros(n, int), captions, batch_size=4,
-                                  caption_valid=caption_valid)
+  data.batches = make_batches(np.zeros(n, int), captions, batch_size=4,
+                              caption_valid=caption_valid)
   image_table = rng.normal(size=(n, dim))
   text_table = image_table[np.arange(n * k) // k] + 1.2 * rng.normal(size=(n * k, dim))
   results = run(retrieval_evaluator(), table_params(image_table, text_table))
@@ -376,54 +477,180 @@ def test_retrieval_matches_argsort_reference_and_skips_padding_captions(pipeline
   for kk in (1, 5, 10):
     assert results[f'i2t_r{kk}'] == pytest.approx(np.mean(np.array(i2t_first) < kk))
     assert results[f't2i_r{kk}'] == pytest.approx(np.mean(np.array(t2i_pos) < kk))
-  assert results['num_images'] == 14.0 and results['num_captions'] == 40.0
+  assert results['num_image'] == 14.0 and results['num_text'] == 40.0
   assert 0 < results['i2t_r1'] < 1 and 0 < results['t2i_r1'] < 1  # the case is informative
 
 
-def test_retrieval_rejects_image_without_captions(pipeline):
+def test_retrieval_between_two_modalities_without_items(data, modalities):
+  # image <-> infrared: one item per example on both sides. Their initials are the same, so
+  # the metrics take the whole names.
+  rng = np.random.default_rng(6)
+  n, dim = 13, 5
+  data.batches = make_batches(np.zeros(n, int), batch_size=4)
+  image_table = rng.normal(size=(n, dim))
+  infrared_table = image_table + 1.0 * rng.normal(size=(n, dim))
+  evaluator = retrieval_evaluator(pair=('image', 'infrared'))
+  results = run(evaluator, table_params(image_table, infrared=infrared_table))
+  assert data.calls[0]['inputs'] == ('image', 'infrared')
+  owner = np.arange(n)
+  image, infrared = normalize(image_table), normalize(infrared_table)
+  expected = {'num_image': 13.0, 'num_infrared': 13.0}
+  for x, y, (zx, zy) in (('image', 'infrared', (image, infrared)),
+                         ('infrared', 'image', (infrared, image))):
+    recall = brute_force_recall(zx, owner, zy, owner)
+    expected.update({f'{x}2{y}_r{k}': r for k, r in recall.items()})
+  assert results == pytest.approx(expected)
+  assert 0 < results['image2infrared_r1'] < 1 and 0 < results['infrared2image_r1'] < 1
+
+
+def test_retrieval_between_two_modalities_with_items(data, modalities):
+  # speech <-> text: several items per example on both sides, some of them padding. A query
+  # hits at k when any item of its own example is in the top k.
+  rng = np.random.default_rng(7)
+  n, k_text, k_speech, dim = 11, 3, 2, 6
+  captions = np.arange(n * k_text).reshape(n, k_text)
+  caption_valid = np.ones((n, k_text), bool)
+  caption_valid[[1, 6], 2] = False
+  speech_ids = np.arange(n * k_speech).reshape(n, k_speech)
+  speech_valid = np.ones((n, k_speech), bool)
+  speech_valid[[0, 6, 7], 1] = False
+  data.batches = make_batches(np.zeros(n, int), captions, batch_size=4,
+                              caption_valid=caption_valid,
+                              items={'speech': (speech_ids, speech_valid)})
+  centres = rng.normal(size=(n, dim))
+  text_table = centres[np.arange(n * k_text) // k_text] + 1.2 * rng.normal(size=(n * k_text, dim))
+  speech_table = centres[np.arange(n * k_speech) // k_speech] + 1.2 * rng.normal(
+      size=(n * k_speech, dim))
+  evaluator = retrieval_evaluator(pair=('speech', 'text'))
+  results = run(evaluator, table_params(np.eye(dim), text_table, speech=speech_table))
+  assert data.calls[0]['inputs'] == ('speech', 'text')
+
+  speech = normalize(speech_table)[speech_ids[speech_valid]]
+  text = normalize(text_table)[captions[caption_valid]]
+  speech_owner, text_owner = np.nonzero(speech_valid)[0], np.nonzero(caption_valid)[0]
+  expected = {'num_speech': float(speech_valid.sum()), 'num_text': float(caption_valid.sum())}
+  expected.update({f's2t_r{k}': r for k, r in brute_force_recall(
+      speech, speech_owner, text, text_owner).items()})
+  expected.update({f't2s_r{k}': r for k, r in brute_force_recall(
+      text, text_owner, speech, speech_owner).items()})
+  assert results == pytest.approx(expected)
+  assert 0 < results['s2t_r1'] < 1 and 0 < results['t2s_r1'] < 1  # the case is informative
+
+
+def brute_force_reranked_recall(queries, query_owner, candidates, candidate_owner, match, k,
+                                scale, ks=(1, 5, 10)):
+  """Recall@ks when each query's top k candidates by cosine are re-ordered by
+  match(query index, candidate index) (+ scale * cosine) and put above all the others, which
+  keep their cosine order."""
+  first = []
+  for qi, (q, o) in enumerate(zip(queries, query_owner)):
+    sim = candidates @ q
+    order = np.argsort(-sim)
+    top, rest = order[:k], order[k:]
+    score = np.array([match(qi, c) for c in top]) + scale * sim[top]
+    ranking = np.concatenate([top[np.argsort(-score)], rest])
+    first.append(np.flatnonzero(candidate_owner[ranking] == o)[0])
+  return {kk: float(np.mean(np.array(first) < kk)) for kk in ks}
+
+
+@pytest.mark.parametrize('rerank_score', ['itm', 'itm+contrastive'])
+def test_retrieval_rerank_matches_brute_force(data, rerank_score):
+  # The ITM head is a bilinear form (image row @ W) . text row, not symmetric: a direction
+  # that passed the image and the text the wrong way round would score other pairs.
+  rng = np.random.default_rng(8)
+  n, k, dim, rerank_k = 9, 2, 5, 4
+  captions = np.arange(n * k).reshape(n, k)
+  caption_valid = np.ones((n, k), bool)
+  caption_valid[3, 1] = False
+  data.batches = make_batches(np.zeros(n, int), captions, batch_size=4,
+                              caption_valid=caption_valid)
+  image_table = rng.normal(size=(n, dim))
+  text_table = image_table[np.arange(n * k) // k] + 1.5 * rng.normal(size=(n * k, dim))
+  w = rng.normal(size=(dim, dim))
+  config = make_config(itm=dict(pair=('image', 'text')))
+  evaluator = retrieval_evaluator(config=config, rerank_k=rerank_k, rerank_score=rerank_score)
+  results = run(evaluator, table_params(image_table, text_table, itm=w))
+
+  image_rows, text_rows = image_table, text_table[captions[caption_valid]]
+  image, text = normalize(image_rows), normalize(text_rows)
+  image_owner, text_owner = np.arange(n), np.nonzero(caption_valid)[0]
+  itm = lambda i, t: (image_rows[i] @ w) @ text_rows[t]
+  scale = 10.0 if rerank_score == 'itm+contrastive' else 0.0
+  recalls = {
+      'i2t': brute_force_recall(image, image_owner, text, text_owner),
+      't2i': brute_force_recall(text, text_owner, image, image_owner),
+      'i2t_rerank': brute_force_reranked_recall(image, image_owner, text, text_owner, itm,
+                                                rerank_k, scale),
+      't2i_rerank': brute_force_reranked_recall(text, text_owner, image, image_owner,
+                                                lambda t, i: itm(i, t), rerank_k, scale),
+  }
+  expected = {f'{name}_r{kk}': r for name, recall in recalls.items() for kk, r in recall.items()}
+  expected.update(num_image=float(n), num_text=float(caption_valid.sum()))
+  assert results == pytest.approx(expected)
+  # The case is informative: re-ranking changes the recall at 1 in both directions.
+  assert results['i2t_rerank_r1'] != pytest.approx(results['i2t_r1'])
+  assert results['t2i_rerank_r1'] != pytest.approx(results['t2i_r1'])
+
+
+def test_retrieval_direction_names():
+  assert retrieval.direction('image', 'text') == 'i2t'
+  assert retrieval.direction('text', 'audio') == 't2a'
+  assert retrieval.direction('sensor', 'speech') == 'sensor2speech'
+
+
+def test_retrieval_rejects_image_without_captions(data):
   caption_valid = np.array([[True], [False]])
-  pipeline.batches = make_batches(np.zeros(2, int), np.array([[0], [1]]),
-                                  caption_valid=caption_valid)
-  with pytest.raises(ValueError, match=r'config.evals.ret: 1 images .* no caption'):
+  data.batches = make_batches(np.zeros(2, int), np.array([[0], [1]]),
+                              caption_valid=caption_valid)
+  with pytest.raises(ValueError, match=r'config.evals.ret: 1 examples .* have no text item'):
     run(retrieval_evaluator(), table_params(np.eye(2), np.eye(2)))
 
 
 # ----------------------------------------------------------------------------- classification
 
 
-def classification_evaluator(num_classes):
+def classification_evaluator(num_classes, names=(), classify='image'):
+  config = make_config(num_classes)
+  config.model.heads.classification.input = classify
   return evals.build('cls', dict(type='classification', every=5, split='test', batch_size=4),
-                     model=TableModel(), config=make_config(num_classes), tokenizer=None)
+                     model=TableModel(classify=classify), config=config,
+                     source=FakeSource(config, names=names))
 
 
-def test_classification_perfect_head_and_padding_ignored(pipeline):
+def test_classification_perfect_head_and_padding_ignored(data):
   labels = np.array([0, 1, 2, 3, 1, 2])
-  pipeline.batches = make_batches(labels)
+  data.batches = make_batches(labels)
   results = run(classification_evaluator(4), table_params(np.eye(4)[labels], head=np.eye(4)))
   assert results == {'accuracy': 1.0, 'macro_f1': 1.0, 'num_examples': 6.0}
+  assert data.calls[0]['inputs'] == ('image', 'label')
 
 
-def test_classification_matches_numpy_reference(pipeline):
+@pytest.mark.parametrize('modality', ['image', 'infrared'])
+def test_classification_matches_numpy_reference(data, modality):
+  # The head reads the modality config.model.heads.classification.input names.
   rng = np.random.default_rng(5)
   labels = rng.integers(0, 4, 19)
-  pipeline.batches = make_batches(labels)
-  image_table, head = rng.normal(size=(19, 5)), rng.normal(size=(5, 4))
-  pred = np.argmax(normalize(image_table) @ head, axis=1)
-  results = run(classification_evaluator(4), table_params(image_table, head=head))
+  data.batches = make_batches(labels)
+  table, head = rng.normal(size=(19, 5)), rng.normal(size=(5, 4))
+  pred = np.argmax(normalize(table) @ head, axis=1)
+  params = table_params(table if modality == 'image' else -table, head=head,
+                        infrared=table if modality == 'infrared' else -table)
+  results = run(classification_evaluator(4, classify=modality), params)
   assert results['accuracy'] == pytest.approx(np.mean(pred == labels))
   assert results['macro_f1'] == pytest.approx(ref_macro_f1(pred, labels, 4))
+  assert data.calls[0]['inputs'] == (modality, 'label')
 
 
-def test_classification_head_sized_from_the_dataset(pipeline):
+def test_classification_head_sized_from_the_dataset(data):
   # num_classes=-1 ("as many as the dataset's labels") is resolved from class_names at run.
-  pipeline.names = ['a', 'b', 'c']
-  pipeline.batches = make_batches(np.array([0, 1, 2]))
-  results = run(classification_evaluator(-1), table_params(np.eye(3), head=np.eye(3)))
-  assert results['accuracy'] == 1.0
+  data.batches = make_batches(np.array([0, 1, 2]))
+  evaluator = classification_evaluator(-1, names=['a', 'b', 'c'])
+  results = run(evaluator, table_params(np.eye(3), head=np.eye(3)))
+  assert results['accuracy'] == 1.0 and evaluator.num_classes == 3
 
 
-def test_classification_rejects_logits_of_the_wrong_width(pipeline):
-  pipeline.batches = make_batches(np.array([0, 1]))
+def test_classification_rejects_logits_of_the_wrong_width(data):
+  data.batches = make_batches(np.array([0, 1]))
   with pytest.raises(ValueError, match=r'logits have shape .* expected \[batch, 4\]'):
     run(classification_evaluator(4), table_params(np.eye(3)[:2], head=np.eye(3)))
 
@@ -431,48 +658,90 @@ def test_classification_rejects_logits_of_the_wrong_width(pipeline):
 # ----------------------------------------------------------------------------- build
 
 
-@pytest.mark.parametrize('entry, num_classes, match', [
-    (dict(type='zero_shot', every=1), 0,
+ZS = dict(type='zeroshot', every=1, modality='image', prompts='text')
+RET = dict(type='retrieval', every=1, pair=('image', 'text'))
+
+
+@pytest.mark.parametrize('entry, heads, match', [
+    (dict(type='zero_shot', every=1), {},
      r"config.evals.bad: unknown type 'zero_shot'; known types: captioning, classification, "
      'retrieval, vqa, zeroshot'),
-    (dict(every=1), 0, r'config.evals.bad has no "type"'),
-    (dict(type='retrieval', every=1, templates=('a {}.',)), 0,
+    (dict(every=1), {}, r'config.evals.bad has no "type"'),
+    (dict(RET, templates=('a {}.',)), {},
      r"config.evals.bad: unknown key\(s\) \['templates'\] for type 'retrieval'"),
-    (dict(type='zeroshot', every=1, batchsize=8), 0, r"unknown key\(s\) \['batchsize'\]"),
-    (dict(type='zeroshot', every=-1), 0, 'config.evals.bad: every must be'),
-    (dict(type='zeroshot', every=1, batch_size=0), 0, 'config.evals.bad: batch_size must be'),
-    (dict(type='zeroshot', every=1, templates='a {}.'), 0, 'templates must be a non-empty'),
-    (dict(type='zeroshot', every=1, templates=('a photo',)), 0, "exactly one '{}'"),
-    (dict(type='zeroshot', every=1, keep_if=1), 0, 'keep_if must be a dict'),
-    (dict(type='retrieval', every=1, split=''), 0, 'split must be'),
-    (dict(type='classification', every=1), 0, 'needs a classification head'),
+    (dict(ZS, batchsize=8), {}, r"unknown key\(s\) \['batchsize'\]"),
+    (dict(ZS, every=-1), {}, 'config.evals.bad: every must be'),
+    (dict(ZS, batch_size=0), {}, 'config.evals.bad: batch_size must be'),
+    (dict(ZS, templates='a {}.'), {}, 'templates must be a non-empty'),
+    (dict(ZS, templates=('a photo',)), {}, "exactly one '{}'"),
+    (dict(ZS, keep_if=1), {}, 'keep_if must be a dict'),
+    (dict(RET, split=''), {}, 'split must be'),
+    (dict(type='classification', every=1), {}, 'needs a classification head'),
+    # The modalities are the config's to name: required, and each must have a tower.
+    (dict(type='zeroshot', every=1), {},
+     r"config.evals.bad: type 'zeroshot' needs \['modality', 'prompts'\]"),
+    (dict(type='retrieval', every=1), {}, r"type 'retrieval' needs \['pair'\]"),
+    (dict(ZS, modality='audio'), {},
+     r"config.evals.bad.modality = 'audio': no such tower in config.model.towers"),
+    (dict(ZS, prompts='audio'), {}, r"config.evals.bad.prompts = 'audio': no such tower"),
+    (dict(RET, pair=('image', 'audio')), {}, r"config.evals.bad.pair = 'audio': no such tower"),
+    (dict(RET, pair=('image', 'image')), {}, 'needs two different modalities'),
+    (dict(RET, pair=('image', 'text', 'infrared')), {}, 'needs two different modalities'),
+    (dict(RET, pair='it'), {}, 'needs two different modalities'),
+    # Re-ranking needs an ITM head on the same pair.
+    (dict(RET, rerank_k=5), {}, 'no itm head on pair'),
+    (dict(RET, pair=('image', 'infrared'), rerank_k=5), dict(itm=dict(pair=('image', 'text'))),
+     'no itm head on pair'),
+    (dict(RET, rerank_k=-1), dict(itm=dict(pair=('image', 'text'))), 'rerank_k must be'),
+    (dict(RET, rerank_k=2, rerank_score='itm*2'), dict(itm=dict(pair=('image', 'text'))),
+     'rerank_score must be one of'),
+    (dict(type='vqa', every=1), {}, 'needs a VQA head'),
+    (dict(type='captioning', every=1), {}, 'needs a caption head'),
 ])
-def test_build_rejects_bad_entries_before_any_compute(pipeline, entry, num_classes, match):
+def test_build_rejects_bad_entries_before_any_compute(data, entry, heads, match):
+  config = make_config(**heads)
+  # evals.check (config validation, before anything is built) and build fail alike.
   with pytest.raises(ValueError, match=match):
-    evals.build('bad', entry, model=TableModel(), config=make_config(num_classes),
-                tokenizer=None)
-  assert pipeline.calls == []
+    evals.check('bad', entry, config)
+  with pytest.raises(ValueError, match=match):
+    evals.build('bad', entry, model=TableModel(), config=config, source=FakeSource(config))
+  assert data.calls == []
 
 
-def test_build_accepts_the_base_config_entries(pipeline):
+def test_build_accepts_the_base_config_entries(data):
   config = make_config()
-  built = {name: evals.build(name, config.evals[name], model=TableModel(), config=config,
-                             tokenizer=None) for name in config.evals}
+  built = {}
+  for name in config.evals:
+    evals.check(name, config.evals[name], config)
+    built[name] = evals.build(name, config.evals[name], model=TableModel(), config=config,
+                              source=FakeSource(config))
   for name, evaluator in built.items():
     assert isinstance(evaluator, evals.REGISTRY[config.evals[name].type])
   assert built['zeroshot'].keep_if == {'num_objects': 1}
   assert built['zeroshot'].templates == config.evals.zeroshot.templates
+  assert built['zeroshot'].inputs() == ('image', 'label')
   assert built['retrieval'].keep_if is None             # keep_if={} means keep everything
-  assert pipeline.calls == []
+  assert built['retrieval'].inputs() == ('image', 'text')
+  assert data.calls == []
 
 
-def test_empty_split_is_an_error(pipeline):
-  pipeline.batches = []
+def test_empty_split_is_an_error(data):
+  data.batches = []
   with pytest.raises(ValueError, match="config.evals.cls: split 'test' gave no examples"):
     run(classification_evaluator(2), table_params(np.eye(2), head=np.eye(2)))
 
 
-def test_importing_evals_does_not_import_the_pipeline():
-  code = ('import sys, mmfusion.evals; '
-          'assert "mmfusion.data.pipeline" not in sys.modules, "pipeline imported eagerly"')
+def test_importing_and_building_evals_does_not_import_the_data_side():
+  # The data side pulls in TensorFlow: neither importing mmfusion.evals nor building the
+  # evaluators (config validation does, in every process) should pay for it.
+  code = '\n'.join([
+      'import sys, mmfusion.evals',
+      'from mmfusion import config as config_lib',
+      'config = config_lib.base()',
+      'for name in config.evals:',
+      '  mmfusion.evals.build(name, config.evals[name], model=None, config=config, source=None)',
+      'loaded = sorted(m for m in ("tensorflow", "mmfusion.data.evaluation", "mmfusion.data.ops")',
+      '                if m in sys.modules)',
+      'assert not loaded, f"imported eagerly: {loaded}"',
+  ])
   subprocess.run([sys.executable, '-c', code], check=True)

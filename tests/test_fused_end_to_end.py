@@ -66,7 +66,7 @@ def test_vqa_finetunes_towers_and_fusion_from_the_albef_run(albef, tmp_path, dat
     assert change <= 0.03, (path, change)
     moved.append(change > 0)
   assert any(moved)
-  assert 'vqa_head' in tuned and 'itm_head' not in tuned
+  assert 'vqa' in tuned and 'itm' not in tuned
   final = json.load(open(tmp_path / 'final_metrics.json'))
   assert final['vqa/num_questions'] == 256 * 5 and 0.0 <= final['vqa/accuracy'] <= 1.0
   assert 0.0 < final['vqa/majority_baseline'] < 1.0

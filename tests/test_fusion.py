@@ -4,6 +4,8 @@ late heads against numpy, type embeddings, errors and remat. Tiny widths, jitted
 """
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,10 +14,23 @@ import pytest
 
 from mmfusion.models import fusion
 from mmfusion.models import layers
+from mmfusion.models import towers
 
 B, N, L, W_IMAGE, W_TEXT, W, C = 3, 4, 5, 8, 12, 16, 3
 TEXT_LENGTHS = (5, 1, 3)      # one row with a single real token
 SMALL = dict(width=W, depth=2, num_heads=2, mlp_dim=32)
+STACK_FIELDS = {f.name for f in dataclasses.fields(layers.StackOptions)}
+
+
+def make(strategy, **kw):
+  """Fusion(strategy) with SMALL sizes. `kw` sets StackOptions fields (depth, dropout, remat,
+  sow_weights, ...) and the Fusion's own (query, context, start_layer, gate, ...);
+  cross_attention defaults to the text querying the image."""
+  stack = layers.StackOptions(**{**SMALL, **{k: v for k, v in kw.items() if k in STACK_FIELDS}})
+  own = {k: v for k, v in kw.items() if k not in STACK_FIELDS}
+  if strategy == 'cross_attention':
+    own = {'query': 'text', 'context': 'image', **own}
+  return fusion.Fusion(strategy, stack, **own)
 
 
 def lengths_mask(lengths, size):
@@ -100,7 +115,7 @@ def check_shapes(strategy, out, query='text'):
 @pytest.mark.parametrize('strategy', fusion.STRATEGIES)
 def test_shapes_names_and_head(strategy):
   inputs = make_inputs()
-  module = fusion.Fusion(strategy, **SMALL)
+  module = make(strategy)
   boxed = jax.eval_shape(module.init, jax.random.key(0), *inputs)['params']
   # Every param carries one logical name (or None) per dim, from the known set.
   for path, leaf in jax.tree_util.tree_flatten_with_path(
@@ -118,7 +133,8 @@ def test_shapes_names_and_head(strategy):
     np.testing.assert_allclose(out['pooled'], (out['pooled_by_modality']['image']
                                                + out['pooled_by_modality']['text']) / 2, atol=1e-6)
 
-  head = fusion.FusionHead(C, strategy=strategy)
+  head = fusion.classifier(module, C)
+  assert (head.num_classes, head.strategy) == (C, strategy)
   head_vars = random_params(head, out)
   logits = head.apply(head_vars, out)
   assert logits.shape == (B, C) and logits.dtype == jnp.float32
@@ -146,8 +162,13 @@ def expected_key_mask(strategy, block, attn, masks, start_layer, num_bottleneck=
 def test_padding_gets_no_attention_and_changes_nothing(strategy):
   inputs = make_inputs(image_lengths=(4, 2, 3))   # both modalities padded here
   tokens, masks, pooled = inputs
-  # attention_impl='xla' with sow_weights: turned into 'explicit', which sows.
-  module = fusion.Fusion(strategy, **SMALL, start_layer=1, sow_weights=True)
+  # The model's build context with attention 'xla' and sow_attention: it gives the stack the
+  # 'explicit' implementation, the one that sows.
+  stack = towers.BuildContext(embed_dim=W, attention='xla', sow_attention=True).stack(SMALL)
+  assert stack.attention_impl == 'explicit' and stack.sow_weights
+  module = fusion.Fusion(strategy, stack, start_layer=1,
+                         **({'query': 'text', 'context': 'image'}
+                            if strategy == 'cross_attention' else {}))
   variables = random_params(module, *inputs)
   run = applier(module)
   out, intermediates = run(variables, *inputs)
@@ -170,7 +191,7 @@ def test_padding_gets_no_attention_and_changes_nothing(strategy):
     jax.tree.map(np.testing.assert_array_equal, out, out_g)   # padded positions too
 
   # The fused kernel path ('xla', nothing sown) computes the same.
-  plain = fusion.Fusion(strategy, **SMALL, start_layer=1)
+  plain = make(strategy, start_layer=1, attention_impl='xla')
   out_xla, _ = applier(plain)(variables, *inputs)
   np.testing.assert_allclose(out_xla['pooled'], out['pooled'], atol=1e-5)
 
@@ -180,7 +201,7 @@ def test_padding_gets_no_attention_and_changes_nothing(strategy):
 
 @pytest.mark.parametrize('start_layer', [0, 2, 3])
 def test_cross_attention_only_from_start_layer(start_layer):
-  module = fusion.Fusion('cross_attention', **dict(SMALL, depth=3), start_layer=start_layer)
+  module = make('cross_attention', depth=3, start_layer=start_layer)
   params = jax.eval_shape(module.init, jax.random.key(0), *make_inputs())['params']
   for i in range(3):
     cross = i >= start_layer
@@ -192,8 +213,8 @@ def test_cross_attention_only_from_start_layer(start_layer):
 
 def test_cross_attention_image_queries_text():
   tokens, masks, pooled = make_inputs()
-  module = fusion.Fusion('cross_attention', **SMALL, query='image', context='text',
-                         sow_weights=True, attention_impl='explicit')
+  module = make('cross_attention', query='image', context='text', sow_weights=True,
+                attention_impl='explicit')
   variables = random_params(module, tokens, masks, pooled)
   run = applier(module)
   out, intermediates = run(variables, tokens, masks, pooled)
@@ -217,7 +238,7 @@ def test_bottleneck_from_depth_keeps_streams_apart():
   # the other modality: exchanging from depth - 1 on still leaves the streams unimodal, and
   # only the final bottleneck tokens (the tail of 'tokens') mix the two.
   for start_layer, apart in ((2, True), (1, True), (0, False)):
-    module = fusion.Fusion('bottleneck', **SMALL, start_layer=start_layer)
+    module = make('bottleneck', start_layer=start_layer)
     variables = random_params(module, tokens, masks, pooled)
     run = applier(module)
     out, _ = run(variables, tokens, masks, pooled)
@@ -243,7 +264,7 @@ def test_early_fusion_type_embeddings_tell_modalities_apart():
   x, y = (rng.normal(size=(B, N, W_IMAGE)).astype(np.float32) for _ in range(2))
   masks = {'a': np.ones((B, N), bool), 'b': np.ones((B, N), bool)}
   pooled = {'a': x[:, 0], 'b': y[:, 0]}
-  module = fusion.Fusion('early', **SMALL)
+  module = make('early')
   variables = random_params(module, {'a': x, 'b': y}, masks, pooled)
   params = dict(variables['params'])
   params['in_b'] = params['in_a']
@@ -268,7 +289,7 @@ def test_early_fusion_type_embeddings_tell_modalities_apart():
 
 def test_weighted_sum_weights_against_numpy():
   tokens, masks, pooled = make_inputs()
-  module = fusion.Fusion('weighted_sum', width=W, gate='weights', sow_weights=True)
+  module = make('weighted_sum', gate='weights', sow_weights=True, attention_impl='explicit')
   variables = nn.unbox(module.init(jax.random.key(0), tokens, masks, pooled))
   params = variables['params']
   proj = {m: pooled[m] @ np.asarray(params[f'in_{m}']['kernel']) + np.asarray(params[f'in_{m}']['bias'])
@@ -288,7 +309,7 @@ def test_weighted_sum_weights_against_numpy():
 
 def test_weighted_sum_gates_against_numpy():
   tokens, masks, pooled = make_inputs()
-  module = fusion.Fusion('weighted_sum', width=W, gate='gates', sow_weights=True)
+  module = make('weighted_sum', gate='gates', sow_weights=True, attention_impl='explicit')
   variables = random_params(module, tokens, masks, pooled)
   params = jax.tree.map(np.asarray, variables['params'])
   proj = [pooled[m] @ params[f'in_{m}']['kernel'] + params[f'in_{m}']['bias']
@@ -306,9 +327,10 @@ def test_weighted_sum_gates_against_numpy():
 @pytest.mark.parametrize('combine', fusion.COMBINES)
 def test_late_head_combines_per_modality_logits(combine):
   inputs = make_inputs()
-  module = fusion.Fusion('late', width=W)
+  module = make('late', combine=combine)
   out, _ = applier(module)(random_params(module, *inputs), *inputs)
-  head = fusion.FusionHead(C, strategy='late', combine=combine)
+  head = fusion.classifier(module, C)   # late fusion's combine is the fusion's key
+  assert head.combine == combine
   head_params = jax.tree.map(np.asarray, random_params(head, out, seed=1)['params'])
   logits = [np.asarray(out['pooled_by_modality'][m]) @ head_params[f'head_{m}']['kernel']
             + head_params[f'head_{m}']['bias'] for m in ('image', 'text')]
@@ -329,18 +351,48 @@ def _trace(module, tokens, masks, pooled):
 
 def test_config_errors():
   with pytest.raises(ValueError, match=r"unknown fusion strategy 'nope'.*'cross_attention'"):
-    fusion.Fusion('nope', width=W)
+    make('nope')
   for start_layer in (-1, 3):
     with pytest.raises(ValueError, match=r'start_layer=.*outside \[0, depth=2\]'):
-      fusion.Fusion('bottleneck', **SMALL, start_layer=start_layer)
+      make('bottleneck', start_layer=start_layer)
   with pytest.raises(ValueError, match='query and context'):
-    fusion.Fusion('cross_attention', **SMALL, query='image', context='image')
+    make('cross_attention', query='image', context='image')
   with pytest.raises(ValueError, match='gate='):
-    fusion.Fusion('weighted_sum', width=W, gate='softmax')
+    make('weighted_sum', gate='softmax')
   with pytest.raises(ValueError, match='remat='):
-    fusion.Fusion('early', **SMALL, remat='sometimes')
+    make('early', remat='sometimes')
   with pytest.raises(ValueError, match='combine='):
-    fusion.FusionHead(C, strategy='late', combine='max')
+    make('late', combine='max')
+  with pytest.raises(ValueError, match='combine='):
+    fusion.Classifier(C, strategy='late', combine='max')
+
+
+def test_config_keys_per_strategy():
+  """config.model.fusion takes its strategy's keys only (fusion.OPTIONS), defaults filled in;
+  errors name the config key."""
+  assert fusion.options({'strategy': ''}) == {}
+  assert fusion.options({'strategy': 'late'}) == {'strategy': 'late', 'width': 96,
+                                                  'combine': 'learned'}
+  opts = fusion.options(dict(strategy='cross_attention', query='text', context='image', depth=3))
+  assert opts == {'strategy': 'cross_attention', **fusion.OPTIONS['cross_attention'],
+                  'query': 'text', 'context': 'image', 'depth': 3}
+  with pytest.raises(ValueError, match=r"config\.model\.fusion\.strategy = 'nope': unknown"):
+    fusion.options({'strategy': 'nope'})
+  with pytest.raises(ValueError, match=r"config\.model\.fusion has \['gate'\], which strategy "
+                     r"'early' does not take"):
+    fusion.options({'strategy': 'early', 'gate': 'weights'})
+  with pytest.raises(ValueError, match=r"config\.model\.fusion: strategy 'cross_attention' needs "
+                     r"\['context', 'query'\]"):
+    fusion.options({'strategy': 'cross_attention'})
+  with pytest.raises(ValueError, match=r"config\.model\.fusion has \['width'\] but no strategy"):
+    fusion.options({'strategy': '', 'width': 8})
+  # A bad value of a known key fails in build, under the config key too.
+  stack_of = towers.BuildContext(embed_dim=W).stack
+  with pytest.raises(ValueError, match=r'config\.model\.fusion: .*start_layer=5'):
+    fusion.build(dict(strategy='bottleneck', start_layer=5), stack_of)
+  assert fusion.build({'strategy': ''}, stack_of) is None
+  module = fusion.build(dict(strategy='bottleneck', num_bottleneck=2, depth=1), stack_of)
+  assert (module.num_bottleneck, module.stack.depth, module.width) == (2, 1, 96)
 
 
 def test_modality_errors():
@@ -348,29 +400,28 @@ def test_modality_errors():
   available = r"it has \['image', 'text'\]"
   with pytest.raises(ValueError, match="cross_attention queries 'audio', which the batch lacks; "
                      + available):
-    _trace(fusion.Fusion('cross_attention', **SMALL, query='audio'), tokens, masks, pooled)
+    _trace(make('cross_attention', query='audio'), tokens, masks, pooled)
   with pytest.raises(ValueError, match="context 'audio', which the batch lacks; " + available):
-    _trace(fusion.Fusion('cross_attention', **SMALL, context='audio'), tokens, masks, pooled)
+    _trace(make('cross_attention', context='audio'), tokens, masks, pooled)
   for strategy in ('early', 'weighted_sum'):
     with pytest.raises(ValueError, match=strategy + r" needs at least two modalities; the batch "
                        r"has \['text'\]"):
-      _trace(fusion.Fusion(strategy, **SMALL), *({'text': d['text']} for d in (tokens, masks,
-                                                                                 pooled)))
+      _trace(make(strategy), *({'text': d['text']} for d in (tokens, masks, pooled)))
   three = lambda d: dict(d, audio=d['image'])
   with pytest.raises(ValueError, match=r"co_attention runs exactly two streams; the batch has 3 "
                      r"modalities: \['audio', 'image', 'text'\]"):
-    _trace(fusion.Fusion('co_attention', **SMALL), three(tokens), three(masks), three(pooled))
+    _trace(make('co_attention'), three(tokens), three(masks), three(pooled))
   with pytest.raises(ValueError, match="no mask"):
-    _trace(fusion.Fusion('early', **SMALL), tokens, {'text': masks['text']}, pooled)
+    _trace(make('early'), tokens, {'text': masks['text']}, pooled)
   late_out = {'pooled': None, 'pooled_by_modality': {'image': jnp.zeros((B, W))}}
   with pytest.raises(ValueError, match='no fused pooled vector'):
-    fusion.FusionHead(C, strategy='early').init(jax.random.key(0), late_out)
+    fusion.Classifier(C, strategy='early').init(jax.random.key(0), late_out)
 
 
 def test_three_modalities_early_and_bottleneck():
   tokens, masks, pooled = (dict(d, audio=d['image']) for d in make_inputs())
   for strategy in ('early', 'bottleneck'):
-    module = fusion.Fusion(strategy, **dict(SMALL, depth=1))
+    module = make(strategy, depth=1)
     out = jax.eval_shape(module.init_with_output, jax.random.key(0), tokens, masks, pooled)[0]
     assert sorted(out['tokens_by_modality']) == ['audio', 'image', 'text']
     assert out['tokens_by_modality']['audio'].shape == (B, N, W)
@@ -380,7 +431,7 @@ def test_remat_same_outputs_and_grads():
   inputs = make_inputs()
   results = []
   for remat in ('none', 'full'):
-    module = fusion.Fusion('cross_attention', **SMALL, start_layer=1, remat=remat)
+    module = make('cross_attention', start_layer=1, remat=remat)
     variables = random_params(module, *inputs)
 
     def loss(params, module=module):
@@ -396,7 +447,7 @@ def test_remat_same_outputs_and_grads():
 
 def test_dropout_in_training_only():
   tokens, masks, pooled = make_inputs()
-  module = fusion.Fusion('early', **SMALL, dropout=0.5)
+  module = make('early', dropout=0.5)
   variables = random_params(module, tokens, masks, pooled)
 
   @jax.jit

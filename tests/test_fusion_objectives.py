@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mmfusion import objectives
+from mmfusion.objectives import fused
 
 
 def _log_softmax(z):
@@ -34,8 +35,8 @@ def test_itm_matches_numpy():
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(9, 2)).astype(np.float32)
   labels = np.array([1, 1, 1, 0, 0, 0, 0, 0, 0], np.int32)
-  loss, metrics = objectives.itm({'itm': {'logits': jnp.asarray(logits),
-                                          'labels': jnp.asarray(labels)}}, {})
+  loss, metrics = fused.itm({'itm': {'logits': jnp.asarray(logits),
+                                     'labels': jnp.asarray(labels)}}, {})
   np.testing.assert_allclose(loss, _np_ce(logits, labels).mean(), rtol=1e-5)
   correct = logits.argmax(-1) == labels
   assert set(metrics) == {'loss', 'accuracy', 'positive_accuracy', 'negative_accuracy'}
@@ -46,7 +47,7 @@ def test_itm_matches_numpy():
 
 def test_itm_with_only_positives_has_finite_metrics():
   out = {'itm': {'logits': jnp.array([[0.0, 2.0], [1.0, 0.0]]), 'labels': jnp.ones(2, jnp.int32)}}
-  _, metrics = objectives.itm(out, {})
+  _, metrics = fused.itm(out, {})
   assert metrics['positive_accuracy'] == 0.5 and metrics['negative_accuracy'] == 0.0
 
 
@@ -55,7 +56,7 @@ def test_mlm_matches_numpy():
   logits, targets, weights = _token_outputs(rng)
   out = {'mlm': {'logits': jnp.asarray(logits), 'targets': jnp.asarray(targets),
                  'weights': jnp.asarray(weights)}}
-  loss, metrics = objectives.mlm(out, {})
+  loss, metrics = fused.mlm(out, {})
   ce = _np_ce(logits, targets)
   np.testing.assert_allclose(loss, (weights * ce).sum() / weights.sum(), rtol=1e-5)
   assert set(metrics) == {'loss', 'accuracy', 'num_masked'}
@@ -68,10 +69,10 @@ def test_mlm_with_nothing_masked_is_zero_not_nan():
   logits, targets, _ = _token_outputs(np.random.default_rng(2))
   out = {'mlm': {'logits': jnp.asarray(logits), 'targets': jnp.asarray(targets),
                  'weights': jnp.zeros(targets.shape)}}
-  loss, metrics = objectives.mlm(out, {})
+  loss, metrics = fused.mlm(out, {})
   assert loss == 0.0 and metrics['accuracy'] == 0.0 and metrics['num_masked'] == 0.0
-  grad = jax.grad(lambda x: objectives.mlm(
-      {'mlm': dict(out['mlm'], logits=x)}, {})[0])(out['mlm']['logits'])
+  grad = jax.grad(lambda x: fused.mlm({'mlm': dict(out['mlm'], logits=x)}, {})[0])(
+      out['mlm']['logits'])
   assert np.all(np.isfinite(grad)) and np.all(grad == 0.0)
 
 
@@ -83,7 +84,7 @@ def test_captioning_matches_numpy(smoothing):
   logits, targets, weights = _token_outputs(rng, weights=weights)
   out = {'caption': {'logits': jnp.asarray(logits), 'targets': jnp.asarray(targets),
                      'weights': jnp.asarray(weights)}}
-  loss, metrics = objectives.captioning(out, {}, label_smoothing=smoothing)
+  loss, metrics = fused.captioning(out, {}, label_smoothing=smoothing)
   m = weights > 0
   np.testing.assert_allclose(loss, _np_ce(logits, targets, smoothing)[m].mean(), rtol=1e-5)
   assert set(metrics) == {'loss', 'accuracy', 'perplexity'}
@@ -99,8 +100,8 @@ def test_vqa_matches_numpy_and_leaves_out_unknown_answers():
   logits = rng.normal(size=(6, 5)).astype(np.float32)
   answers = np.array([0, 4, -1, 2, -1, 1], np.int32)
   answers[[0, 3]] = logits[[0, 3]].argmax(-1)
-  loss, metrics = objectives.vqa({'vqa': {'logits': jnp.asarray(logits)}},
-                                 {'answer': jnp.asarray(answers)})
+  loss, metrics = fused.vqa({'vqa': {'logits': jnp.asarray(logits)}},
+                            {'answer': jnp.asarray(answers)})
   known = answers >= 0
   np.testing.assert_allclose(loss, _np_ce(logits[known], answers[known]).mean(), rtol=1e-5)
   assert set(metrics) == {'loss', 'accuracy', 'unknown_answers'}
@@ -108,15 +109,15 @@ def test_vqa_matches_numpy_and_leaves_out_unknown_answers():
                              (logits[known].argmax(-1) == answers[known]).mean(), rtol=1e-6)
   assert metrics['unknown_answers'] == 2
   # An unknown answer's logits get no gradient.
-  loss_of = lambda x: objectives.vqa({'vqa': {'logits': x}}, {'answer': jnp.asarray(answers)})[0]
+  loss_of = lambda x: fused.vqa({'vqa': {'logits': x}}, {'answer': jnp.asarray(answers)})[0]
   grad = jax.grad(loss_of)(jnp.asarray(logits))
   np.testing.assert_array_equal(grad[~known], 0.0)
   assert np.all(np.abs(grad[known]).sum(-1) > 0)
 
 
 def test_vqa_with_only_unknown_answers_is_zero():
-  loss, metrics = objectives.vqa({'vqa': {'logits': jnp.ones((3, 4))}},
-                                 {'answer': -jnp.ones(3, jnp.int32)})
+  loss, metrics = fused.vqa({'vqa': {'logits': jnp.ones((3, 4))}},
+                            {'answer': -jnp.ones(3, jnp.int32)})
   assert loss == 0.0 and metrics['unknown_answers'] == 3
 
 
@@ -134,8 +135,8 @@ def _vqa_case():
 def test_ramp_up_of_the_weight(step, fraction):
   out, batch = _vqa_case()
   cfg = {'vqa': {'weight': 2.0, 'ramp_steps': 100}, 'itm': {'weight': 0.5}}
-  vqa_loss, _ = objectives.vqa(out, batch)
-  itm_loss, _ = objectives.itm(out, batch)
+  vqa_loss, _ = fused.vqa(out, batch)
+  itm_loss, _ = fused.itm(out, batch)
   total, metrics = objectives.total_loss(cfg, out, batch, step=jnp.asarray(step, jnp.int32))
   np.testing.assert_allclose(metrics['vqa/weight'], 2.0 * fraction, rtol=1e-6)
   np.testing.assert_allclose(metrics['itm/weight'], 0.5, rtol=1e-6)    # no ramp: constant
@@ -165,18 +166,25 @@ def test_ramp_under_jit_and_without_a_step():
     ({'weight': float('nan')}, r'vqa\.weight = nan'),
 ])
 def test_check_rejects_bad_weight_and_ramp(cfg, match):
+  # Weights and ramps are static config: checked without a model.
   with pytest.raises(ValueError, match=match):
-    objectives.check({'vqa': cfg}, {'vqa': {'logits': 0}}, {'answer'})
+    objectives.check_config({'vqa': cfg})
 
 
 def test_check_accepts_the_fused_objectives():
   abstract = {'itm': {'logits': 0, 'labels': 0}, 'vqa': {'logits': 0},
               'mlm': {'logits': 0, 'targets': 0, 'weights': 0},
               'caption': {'logits': 0, 'targets': 0, 'weights': 0}}
-  objectives.check({'itm': {'weight': 1}, 'mlm': {'weight': 1.0, 'ramp_steps': 0},
-                    'captioning': {'weight': 0.5, 'ramp_steps': 100, 'label_smoothing': 0.1},
-                    'vqa': {'weight': 1.0, 'ramp_steps': np.int64(5)}}, abstract, {'answer'})
+  cfg = {'itm': {'weight': 1}, 'mlm': {'weight': 1.0, 'ramp_steps': 0},
+         'captioning': {'weight': 0.5, 'ramp_steps': 100, 'label_smoothing': 0.1},
+         'vqa': {'weight': 1.0, 'ramp_steps': np.int64(5)}}
+  objectives.check_config(cfg)
+  objectives.check_outputs(cfg, abstract, {'answer'})
   with pytest.raises(ValueError, match=r"needs batch keys \['answer'\]"):
-    objectives.check({'vqa': {'weight': 1.0}}, abstract, set())
-  with pytest.raises(ValueError, match=r"captioning needs model outputs \['caption/logits'"):
-    objectives.check({'captioning': {'weight': 1.0}}, {'vqa': {'logits': 0}}, set())
+    objectives.check_outputs({'vqa': {'weight': 1.0}}, abstract, set())
+  with pytest.raises(ValueError, match=r"captioning needs model outputs \['caption/logits'.*"
+                                       r'its head is set by config.model.heads.caption'):
+    objectives.check_outputs({'captioning': {'weight': 1.0}}, {'vqa': {'logits': 0}}, set())
+  # An argument the objective does not take is caught with the static checks.
+  with pytest.raises(ValueError, match=r'config.objectives.captioning: .*smoothing'):
+    objectives.check_config({'captioning': {'weight': 1.0, 'smoothing': 0.1}})

@@ -15,20 +15,24 @@ import pytest
 from mmfusion import checkpoint as ckpt
 from mmfusion import config as config_lib
 from mmfusion.models import layers
+from mmfusion.models import layout
 from mmfusion.models import model as model_lib
 from mmfusion.models import text as text_lib
+from mmfusion.models import towers
 from mmfusion.models import vit
 
 B, IMG, PATCH, L, VOCAB, D, W = 2, 16, 4, 6, 32, 8, 16
 TINY = dict(width=W, depth=1, mlp_dim=32, num_heads=2)
+STACK = layers.StackOptions(**TINY)
 
 
 def tiny_model_config(**changes):
-  """config.model from the real schema, shrunk; `changes` are dotted-key overrides."""
+  """config.model from the real schema, shrunk; `changes` are dotted-key overrides (a missing
+  last key is added, e.g. 'heads.classification')."""
   c = config_lib.base().model
   c.embed_dim = D
-  c.image.update(variant='', patch_size=PATCH, **TINY)
-  c.text.update(variant='', **TINY)
+  c.towers.image.update(variant='', patch_size=PATCH, **TINY)
+  c.towers.text.update(variant='', **TINY)
   for key, value in changes.items():
     node = c
     *parents, leaf = key.split('.')
@@ -36,6 +40,11 @@ def tiny_model_config(**changes):
       node = node[p]
     node[leaf] = value
   return c
+
+
+def classes(num_classes, modality='image'):
+  """The changes that give the model a classification head."""
+  return {'heads.classification': dict(num_classes=num_classes, input=modality)}
 
 
 def make_batch(seed: int = 0, lengths=(4, 6)):
@@ -46,10 +55,9 @@ def make_batch(seed: int = 0, lengths=(4, 6)):
           'text': jnp.asarray(text), 'text_mask': jnp.asarray(mask)}
 
 
-def text_tower(**kw):
-  args = dict(vocab_size=VOCAB, embed_dim=D, **TINY)
-  args.update(kw)
-  return text_lib.TextEncoder(**args)
+def text_tower(causal=True, pool='eos', **stack):
+  return text_lib.TextEncoder(vocab_size=VOCAB, embed_dim=D, stack=STACK.replace(**stack),
+                              causal=causal, pool=pool)
 
 
 def params_of(variables):
@@ -61,11 +69,15 @@ def params_of(variables):
 
 @pytest.mark.parametrize('pool', vit.POOLS)
 def test_vit_shapes(pool):
-  tower = vit.ViT(embed_dim=D, patch_size=PATCH, pool=pool, **TINY)
+  tower = vit.ViT(embed_dim=D, patch_size=PATCH, stack=STACK, pool=pool)
   image = make_batch()['image']
   variables = tower.init(jax.random.key(0), image)
-  tokens, pooled, emb = tower.apply(variables, image)
+  encoded = tower.apply(variables, image)
+  assert isinstance(encoded, towers.Encoded)
+  tokens, mask, pooled, emb = encoded
   assert tokens.shape == (B, (IMG // PATCH) ** 2, W)  # cls token dropped from tokens
+  # Every patch is real: the mask is all True and lines up with the tokens.
+  assert mask.shape == tokens.shape[:2] and mask.dtype == jnp.bool_ and np.all(mask)
   assert pooled.shape == (B, W)
   assert emb.shape == (B, D)
   assert ('cls' in params_of(variables)) == (pool == 'cls')
@@ -77,8 +89,9 @@ def test_text_shapes(pool):
   tower = text_tower(pool=pool, causal=pool != 'cls')
   batch = make_batch()
   variables = tower.init(jax.random.key(0), batch['text'], batch['text_mask'])
-  tokens, pooled, emb = tower.apply(variables, batch['text'], batch['text_mask'])
+  tokens, mask, pooled, emb = tower.apply(variables, batch['text'], batch['text_mask'])
   assert tokens.shape == (B, L, W)  # aligned with text_mask even with a cls token
+  np.testing.assert_array_equal(mask, batch['text_mask'])
   assert pooled.shape == (B, W)
   assert emb.shape == (B, D)
 
@@ -87,7 +100,7 @@ def test_eos_pool_takes_last_real_token():
   tower = text_tower(pool='eos', depth=1)
   batch = make_batch(lengths=(3, 6))
   variables = tower.init(jax.random.key(0), batch['text'], batch['text_mask'])
-  tokens, pooled, _ = tower.apply(variables, batch['text'], batch['text_mask'])
+  tokens, _, pooled, _ = tower.apply(variables, batch['text'], batch['text_mask'])
   np.testing.assert_array_equal(pooled[0], tokens[0, 2])
   np.testing.assert_array_equal(pooled[1], tokens[1, 5])
   assert list(text_lib.last_true_index(jnp.array([[1, 1, 0], [0, 0, 0], [1, 0, 1]], bool))) \
@@ -101,10 +114,10 @@ def test_pad_ids_do_not_change_text_embedding(causal, pool):
   batch = make_batch(lengths=(3, 5))
   variables = tower.init(jax.random.key(0), batch['text'], batch['text_mask'])
   apply = jax.jit(tower.apply)
-  _, _, emb = apply(variables, batch['text'], batch['text_mask'])
+  emb = apply(variables, batch['text'], batch['text_mask']).embedding
   garbage = np.random.default_rng(1).integers(1, VOCAB, (B, L))
   text2 = jnp.where(batch['text_mask'], batch['text'], garbage)
-  tokens2, _, emb2 = apply(variables, text2, batch['text_mask'])
+  tokens2, _, _, emb2 = apply(variables, text2, batch['text_mask'])
   np.testing.assert_allclose(emb2, emb, atol=1e-6)
   assert np.all(np.isfinite(tokens2))
 
@@ -115,8 +128,8 @@ def test_causal_later_token_does_not_change_earlier_outputs(causal):
   text = jnp.asarray(np.random.default_rng(0).integers(1, VOCAB, (B, L)), jnp.int32)
   mask = jnp.ones((B, L), bool)
   variables = tower.init(jax.random.key(0), text, mask)
-  tokens, _, _ = tower.apply(variables, text, mask)
-  tokens2, _, _ = tower.apply(variables, text.at[:, 3].set((text[:, 3] % (VOCAB - 1)) + 1), mask)
+  tokens = tower.apply(variables, text, mask).tokens
+  tokens2 = tower.apply(variables, text.at[:, 3].set((text[:, 3] % (VOCAB - 1)) + 1), mask).tokens
   earlier_same = np.allclose(tokens2[:, :3], tokens[:, :3], atol=1e-6)
   assert earlier_same == causal  # bidirectional attention must see the change
   assert not np.allclose(tokens2[:, 3:], tokens[:, 3:], atol=1e-6)
@@ -125,8 +138,9 @@ def test_causal_later_token_does_not_change_earlier_outputs(causal):
 def test_text_cls_pool_requires_bidirectional():
   with pytest.raises(ValueError, match='causal'):
     text_tower(pool='cls', causal=True)
-  with pytest.raises(ValueError, match=r"config\.model\.text.*causal"):
-    model_lib.build(tiny_model_config(**{'text.pool': 'cls', 'text.causal': True}), VOCAB)
+  with pytest.raises(ValueError, match=r"config\.model\.towers\.text.*causal"):
+    model_lib.build(tiny_model_config(**{'towers.text.pool': 'cls', 'towers.text.causal': True}),
+                    VOCAB)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -160,8 +174,8 @@ def test_explicit_attention_matches_numpy_and_xla(causal):
   mask[0, 0, 2, :] = False  # ... except this one, which may attend to nothing
   mask = jnp.asarray(mask)
 
-  explicit = layers.MultiHeadAttention(num_heads=2, causal=causal, attention_impl='explicit',
-                                       sow_weights=True)
+  explicit = layers.MultiHeadAttention(
+      STACK.replace(attention_impl='explicit', sow_weights=True), causal=causal)
   variables = explicit.init(jax.random.key(0), x, mask=mask)
   out, state = explicit.apply(variables, x, mask=mask, mutable=['intermediates'])
   (weights,) = state['intermediates']['attention_weights']
@@ -175,7 +189,7 @@ def test_explicit_attention_matches_numpy_and_xla(causal):
   np.testing.assert_allclose(out, want_out, atol=1e-5)
   assert np.all(np.isfinite(out))
 
-  xla = layers.MultiHeadAttention(num_heads=2, causal=causal, attention_impl='xla')
+  xla = layers.MultiHeadAttention(STACK.replace(attention_impl='xla'), causal=causal)
   np.testing.assert_allclose(xla.apply(variables, x, mask=mask), out, atol=1e-5)
 
 
@@ -185,7 +199,7 @@ def test_cross_attention_with_key_padding_mask(impl):
   x_q = jnp.asarray(rng.normal(size=(B, 3, W)), jnp.float32)
   x_kv = jnp.asarray(rng.normal(size=(B, 7, W)), jnp.float32)
   key_mask_b11k = jnp.asarray(np.arange(7)[None] < np.array([[4], [7]]))[:, None, None, :]
-  attn = layers.MultiHeadAttention(num_heads=4, attention_impl=impl)
+  attn = layers.MultiHeadAttention(STACK.replace(num_heads=4, attention_impl=impl))
   variables = attn.init(jax.random.key(0), x_q, x_kv, key_mask_b11k)
   out = attn.apply(variables, x_q, x_kv, key_mask_b11k)
   assert out.shape == (B, 3, W)
@@ -194,8 +208,9 @@ def test_cross_attention_with_key_padding_mask(impl):
 
 
 def test_sow_requires_explicit_attention():
+  # The stack options refuse it, before any module is built.
   with pytest.raises(ValueError, match='explicit'):
-    layers.MultiHeadAttention(num_heads=2, sow_weights=True)
+    layers.StackOptions(**TINY, sow_weights=True)
 
 
 def test_build_with_sow_attention_collects_weights():
@@ -209,8 +224,8 @@ def test_build_with_sow_attention_collects_weights():
 
 def test_remat_keeps_params_and_outputs():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(B, 4, W)), jnp.float32)
-  plain = layers.Encoder(depth=2, mlp_dim=32, num_heads=2)
-  remat = layers.Encoder(depth=2, mlp_dim=32, num_heads=2, remat='full')
+  plain = layers.Encoder(STACK.replace(depth=2))
+  remat = layers.Encoder(STACK.replace(depth=2, remat='full'))
   variables = plain.init(jax.random.key(0), x)
   assert (jax.tree_util.tree_structure(jax.eval_shape(remat.init, jax.random.key(0), x))
           == jax.tree_util.tree_structure(variables))
@@ -241,42 +256,47 @@ def test_model_outputs_and_param_names():
   assert out['tokens']['text'].shape == (B, L, W)
   assert out['logit_scale'].shape == () and out['logit_scale'].dtype == jnp.float32
   np.testing.assert_allclose(out['logit_scale'], 1 / 0.07, rtol=1e-5)
-  assert 'logits' not in out
+  np.testing.assert_array_equal(out['masks']['text'], batch['text_mask'])
+  assert out['masks']['image'].shape == (B, (IMG // PATCH) ** 2) and np.all(out['masks']['image'])
+  assert 'classification' not in out   # no head configured, no head output
 
 
 def test_absent_modality_gives_absent_keys():
-  model = model_lib.build(tiny_model_config(**{'head.num_classes': 3}), VOCAB)
+  model = model_lib.build(tiny_model_config(**classes(3)), VOCAB)
   batch = make_batch()
   variables = model.init(jax.random.key(0), batch)
   image_only = model.apply(variables, {'image': batch['image']})
   text_only = model.apply(variables, {'text': batch['text'], 'text_mask': batch['text_mask']})
   for out, present in ((image_only, 'image'), (text_only, 'text')):
-    for key in ('embeddings', 'tokens', 'pooled'):
+    for key in ('embeddings', 'tokens', 'pooled', 'masks'):
       assert set(out[key]) == {present}
-  assert 'logits' in image_only and 'logits' not in text_only  # the head reads the image
+  # The head reads the image.
+  assert 'classification' in image_only and 'classification' not in text_only
   # A tower run alone gives the same embedding as when run with the other modality.
   both = model.apply(variables, batch)
   np.testing.assert_allclose(text_only['embeddings']['text'], both['embeddings']['text'],
                              atol=1e-6)
-  with pytest.raises(ValueError, match='text_mask'):
+  with pytest.raises(ValueError, match='text tower needs a mask'):
     model.apply(variables, {'text': batch['text']})
 
 
 @pytest.mark.parametrize('head_input', ['image', 'text'])
 def test_head_only_with_classes(head_input):
   batch = make_batch()
-  model = model_lib.build(
-      tiny_model_config(**{'head.num_classes': 3, 'head.input': head_input}), VOCAB)
+  model = model_lib.build(tiny_model_config(**classes(3, head_input)), VOCAB)
   variables = model.init(jax.random.key(0), batch)
   params = params_of(variables)
-  assert set(params) == {'image', 'text', 'logit_scale', 'logit_bias', 'head'}
-  assert params['head']['kernel'].shape == (W, 3)
+  assert set(params) == {'image', 'text', 'logit_scale', 'logit_bias', 'classification'}
+  assert set(params['classification']) == {'dense'}
+  assert params['classification']['dense']['kernel'].shape == (W, 3)
   # Give the zero-init head weights so the test can tell which pooled vector it reads.
   kernel = jnp.asarray(np.random.default_rng(0).normal(size=(W, 3)), jnp.float32)
-  variables = {'params': {**params, 'head': {'kernel': kernel, 'bias': jnp.zeros(3)}}}
+  dense = {'kernel': kernel, 'bias': jnp.zeros(3)}
+  variables = {'params': {**params, 'classification': {'dense': dense}}}
   out = model.apply(variables, batch)
-  assert out['logits'].shape == (B, 3) and out['logits'].dtype == jnp.float32
-  np.testing.assert_allclose(out['logits'], out['pooled'][head_input] @ kernel, atol=1e-5)
+  logits = out['classification']['logits']
+  assert logits.shape == (B, 3) and logits.dtype == jnp.float32
+  np.testing.assert_allclose(logits, out['pooled'][head_input] @ kernel, atol=1e-5)
 
 
 def test_logit_scale_clamp_and_gradient():
@@ -305,7 +325,7 @@ def test_siglip_init_values():
 
 
 def test_bf16_compute_with_f32_params():
-  changes = {'image.pool': 'map'}
+  changes = {'towers.image.pool': 'map'}
   model = model_lib.build(tiny_model_config(dtype='bfloat16', **changes), VOCAB)
   batch = make_batch()
   abstract = jax.eval_shape(model.init, jax.random.key(0), batch)
@@ -325,7 +345,7 @@ def test_bf16_compute_with_f32_params():
 
 
 def test_dropout_only_when_training():
-  model = model_lib.build(tiny_model_config(**{'image.dropout': 0.5}), VOCAB)
+  model = model_lib.build(tiny_model_config(**{'towers.image.dropout': 0.5}), VOCAB)
   batch = {'image': make_batch()['image']}
   variables = model.init(jax.random.key(0), batch)
   eval1 = model.apply(variables, batch)['embeddings']['image']
@@ -340,8 +360,9 @@ def test_dropout_only_when_training():
 
 
 @pytest.mark.parametrize('changes', [
-    {'image.pool': 'map', 'text.pool': 'cls', 'text.causal': False, 'head.num_classes': 4},
-    {'image.pool': 'cls', 'text.pool': 'eos', 'param_dtype': 'bfloat16'},
+    {'towers.image.pool': 'map', 'towers.text.pool': 'cls', 'towers.text.causal': False,
+     **classes(4)},
+    {'towers.image.pool': 'cls', 'towers.text.pool': 'eos', 'param_dtype': 'bfloat16'},
 ])
 def test_every_param_has_logical_axis_names(changes):
   model = model_lib.build(tiny_model_config(**changes), VOCAB)
@@ -368,7 +389,7 @@ def test_logical_constraints_resolve_under_a_mesh():
   mesh = jax.make_mesh((1, 1), ('data', 'tensor'),
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
   rules = (('batch', 'data'), ('heads', 'tensor'), ('mlp', 'tensor'), ('vocab', 'tensor'))
-  model = model_lib.build(tiny_model_config(**{'image.pool': 'map'}), VOCAB)
+  model = model_lib.build(tiny_model_config(**{'towers.image.pool': 'map'}), VOCAB)
   batch = make_batch()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     variables = jax.eval_shape(model.init, jax.random.key(0), batch)
@@ -377,41 +398,51 @@ def test_logical_constraints_resolve_under_a_mesh():
 
 
 def test_decode_variant():
-  assert vit.decode_variant('B/16') == dict(width=768, depth=12, mlp_dim=3072, num_heads=12,
-                                            patch_size=16)
-  assert vit.decode_variant('S') == dict(width=384, depth=12, mlp_dim=1536, num_heads=6)
-  assert vit.decode_variant('') == {}
+  assert layers.decode_variant('B/16') == dict(width=768, depth=12, mlp_dim=3072, num_heads=12,
+                                               patch_size=16)
+  assert layers.decode_variant('S') == dict(width=384, depth=12, mlp_dim=1536, num_heads=6)
+  assert layers.decode_variant('') == {}
   with pytest.raises(ValueError, match=r"'Q/16'.*'B'.*'mu'"):
-    vit.decode_variant('Q/16')
+    layers.decode_variant('Q/16')
   with pytest.raises(ValueError, match='unknown'):
-    vit.decode_variant('B/x')
+    layers.decode_variant('B/x')
 
 
 def test_variant_overrides_config_sizes():
-  model = model_lib.build(tiny_model_config(**{'image.variant': 'mu/8', 'text.variant': 'mu'}),
-                          VOCAB)
-  assert (model.image.width, model.image.depth, model.image.mlp_dim, model.image.num_heads,
-          model.image.patch_size) == (32, 1, 128, 2, 8)
-  assert (model.text.width, model.text.depth) == (32, 1)
-  with pytest.raises(ValueError, match=r'config\.model\.text.*patch'):
-    model_lib.build(tiny_model_config(**{'text.variant': 'mu/8'}), VOCAB)
-  with pytest.raises(ValueError, match=r'config\.model\.image.*unknown'):
-    model_lib.build(tiny_model_config(**{'image.variant': 'XL'}), VOCAB)
+  model = model_lib.build(
+      tiny_model_config(**{'towers.image.variant': 'mu/8', 'towers.text.variant': 'mu'}), VOCAB)
+  image, text = model.towers['image'], model.towers['text']
+  assert (image.stack.width, image.stack.depth, image.stack.mlp_dim, image.stack.num_heads,
+          image.patch_size) == (32, 1, 128, 2, 8)
+  assert (text.stack.width, text.stack.depth) == (32, 1)
+  with pytest.raises(ValueError, match=r'config\.model\.towers\.text.*patch'):
+    model_lib.build(tiny_model_config(**{'towers.text.variant': 'mu/8'}), VOCAB)
+  with pytest.raises(ValueError, match=r'config\.model\.towers\.image.*unknown'):
+    model_lib.build(tiny_model_config(**{'towers.image.variant': 'XL'}), VOCAB)
 
 
 def test_bad_values_fail_before_compute():
-  with pytest.raises(ValueError, match=r'config\.model\.image.*pool'):
-    model_lib.build(tiny_model_config(**{'image.pool': 'max'}), VOCAB)
+  with pytest.raises(ValueError, match=r'config\.model\.towers\.image.*pool'):
+    model_lib.build(tiny_model_config(**{'towers.image.pool': 'max'}), VOCAB)
   with pytest.raises(ValueError, match=r'config\.model\.dtype'):
     model_lib.build(tiny_model_config(dtype='float8'), VOCAB)
-  with pytest.raises(ValueError, match=r'head\.input'):
-    model_lib.build(tiny_model_config(**{'head.num_classes': 2, 'head.input': 'audio'}), VOCAB)
-  with pytest.raises(ValueError, match='divisible'):
-    model_lib.build(tiny_model_config(**{'text.num_heads': 3}), VOCAB)
+  with pytest.raises(ValueError, match=r'config\.model\.heads\.classification\.input'):
+    model_lib.build(tiny_model_config(**classes(2, 'audio')), VOCAB)
+  with pytest.raises(ValueError, match=r'config\.model\.towers\.text.*divisible'):
+    model_lib.build(tiny_model_config(**{'towers.text.num_heads': 3}), VOCAB)
+  # Each tower takes its type's keys only; a head takes its own.
+  with pytest.raises(ValueError, match=r"config\.model\.towers\.text has \['patch_size'\], "
+                     r"which tower type 'text' does not take"):
+    model_lib.build(tiny_model_config(**{'towers.text.patch_size': 4}), VOCAB)
+  with pytest.raises(ValueError, match=r"config\.model\.towers\.image\.type = 'cnn': unknown"):
+    model_lib.build(tiny_model_config(**{'towers.image.type': 'cnn'}), VOCAB)
+  with pytest.raises(ValueError, match=r"config\.model\.heads\.classification has \['pool'\]"):
+    model_lib.build(tiny_model_config(
+        **{'heads.classification': dict(num_classes=2, input='image', pool='gap')}), VOCAB)
 
 
 def test_image_size_not_divisible_by_patch():
-  tower = vit.ViT(embed_dim=D, patch_size=5, **TINY)
+  tower = vit.ViT(embed_dim=D, patch_size=5, stack=STACK)
   with pytest.raises(ValueError, match=r'16x16.*patch size 5'):
     tower.init(jax.random.key(0), jnp.zeros((1, IMG, IMG, 3)))
 
@@ -455,12 +486,13 @@ def _assert_trees_close(a, b, atol=1e-5):
 
 @pytest.mark.parametrize('dropout', [0.0, 0.1])
 def test_scanned_and_unrolled_towers_agree(dropout):
-  changes = {'image.depth': 3, 'text.depth': 2, 'image.dropout': dropout, 'text.dropout': dropout}
+  changes = {'towers.image.depth': 3, 'towers.text.depth': 2, 'towers.image.dropout': dropout,
+             'towers.text.dropout': dropout}
   unrolled = model_lib.build(tiny_model_config(**changes), VOCAB)
   scanned = model_lib.build(tiny_model_config(scan_layers=True, **changes), VOCAB)
   batch = make_batch()
   params = params_of(unrolled.init(jax.random.key(0), batch))
-  stacked = layers.scan_layout(params)
+  stacked = layout.scan_layout(params)
 
   # The scanned model's own params have exactly the converted layout, with a 'layers' axis.
   scanned_vars = scanned.init(jax.random.key(0), batch)
@@ -475,7 +507,7 @@ def test_scanned_and_unrolled_towers_agree(dropout):
     (la, ga), (lb, gb) = (_loss_and_grads(unrolled, params, batch),
                           _loss_and_grads(scanned, stacked, batch))
     np.testing.assert_allclose(la, lb, rtol=1e-5)
-    _assert_trees_close(layers.scan_layout(ga), gb)
+    _assert_trees_close(layout.scan_layout(ga), gb)
 
 
 def test_layout_conversion_stacks_blocks_and_round_trips():
@@ -483,22 +515,23 @@ def test_layout_conversion_stacks_blocks_and_round_trips():
   tower = {'encoder': {f'block_{i}': {'w': rng.normal(size=(2, 3)), 'b': rng.normal(size=3)}
                        for i in range(4)} | {'encoder_norm': {'scale': np.ones(3)}},
            'proj': {'kernel': np.ones((3, 2))}}
-  stacked = layers.scan_layout(tower)
+  stacked = layout.scan_layout(tower)
   assert sorted(stacked['encoder']) == ['blocks', 'encoder_norm']
   np.testing.assert_array_equal(stacked['encoder']['blocks']['w'][2], tower['encoder']['block_2']['w'])
   assert stacked['encoder']['blocks']['b'].shape == (4, 3)
-  assert layers.is_scanned(stacked) and layers.is_scanned(tower) is False
-  _assert_trees_close(layers.unscan_layout(stacked), tower, atol=0)
-  assert layers.match_layout(tower, like=stacked)['encoder'].keys() == stacked['encoder'].keys()
-  assert layers.is_scanned({'proj': 1}) is None
+  assert layout.is_scanned(stacked) and layout.is_scanned(tower) is False
+  _assert_trees_close(layout.unscan_layout(stacked), tower, atol=0)
+  assert layout.match_layout(tower, like=stacked)['encoder'].keys() == stacked['encoder'].keys()
+  assert layout.is_scanned({'proj': 1}) is None
   with pytest.raises(ValueError, match='gap in the numbering'):
-    layers.scan_layout({'block_0': {'w': 1.0}, 'block_2': {'w': 1.0}})
+    layout.scan_layout({'block_0': {'w': 1.0}, 'block_2': {'w': 1.0}})
 
 
 def test_checkpoint_converts_between_layouts(tmp_path):
   """An unrolled run's checkpoint, restored and converted, drives the scanned model (and back)."""
-  unrolled = model_lib.build(tiny_model_config(**{'image.depth': 2}), VOCAB)
-  scanned = model_lib.build(tiny_model_config(scan_layers=True, **{'image.depth': 2}), VOCAB)
+  unrolled = model_lib.build(tiny_model_config(**{'towers.image.depth': 2}), VOCAB)
+  scanned = model_lib.build(tiny_model_config(scan_layers=True, **{'towers.image.depth': 2}),
+                            VOCAB)
   batch = make_batch()
   params = params_of(unrolled.init(jax.random.key(0), batch))
   saver = ckpt.Checkpointer(str(tmp_path), max_to_keep=1, async_save=False)
@@ -507,10 +540,10 @@ def test_checkpoint_converts_between_layouts(tmp_path):
 
   loaded = ckpt.load_params(str(tmp_path))
   target = params_of(scanned.init(jax.random.key(1), batch))
-  converted = ckpt.merge_params(target, layers.match_layout(loaded, like=target))
+  converted = ckpt.merge_params(target, layout.match_layout(loaded, like=target))
   want = unrolled.apply({'params': params}, batch)['embeddings']
   _assert_trees_close(scanned.apply({'params': converted}, batch)['embeddings'], want)
-  back = layers.match_layout(converted, like=params)
+  back = layout.match_layout(converted, like=params)
   _assert_trees_close(unrolled.apply({'params': back}, batch)['embeddings'], want)
 
 
@@ -532,7 +565,7 @@ def test_remat_saves_what_the_policy_names():
   """The backward pass of a 'named' block keeps exactly the tagged activations as residuals."""
   x = jnp.ones((2, 5, W))
   def residual_names(remat, save):
-    block = layers.Encoder(depth=1, mlp_dim=32, num_heads=2, remat=remat, remat_save=save)
+    block = layers.Encoder(STACK.replace(remat=remat, remat_save=save))
     params = params_of(block.init(jax.random.key(0), x))
     f = lambda p: jnp.sum(block.apply({'params': p}, x))
     out = io.StringIO()
@@ -559,3 +592,12 @@ def test_auto_attention_is_xla_off_gpu():
       'cudnn' if jax.default_backend() == 'gpu' else 'xla')
   assert layers.resolve_attention_impl('auto', jnp.float32, 64) == 'xla'
   assert layers.resolve_attention_impl('explicit', jnp.bfloat16, 64) == 'explicit'
+
+
+@pytest.mark.parametrize('name', ['encode', 'fusion', 'itm', 'logit_scale', 'apply', 'my-sensor'])
+def test_a_modality_name_the_model_uses_itself_is_refused(name):
+  """Towers become attributes of the model: a modality named like one of its methods, params or
+  heads would replace it, so the config is refused, naming the key."""
+  config = tiny_model_config(**{f'towers.{name}': dict(type='text', **TINY)})
+  with pytest.raises(ValueError, match=f'config.model.towers.{name}: a modality name'):
+    model_lib.build(config, VOCAB)

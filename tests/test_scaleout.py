@@ -44,18 +44,21 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
 def assert_same_step(got_path: str, want_path: str) -> None:
   """Losses and parameters after the step(s) agree within RTOL.
 
-  Every tensor that was not zero at init is compared on its own; the whole parameter vector
-  too. Zero-initialised biases hold nothing but one Adam step after the first step, and an
-  element whose gradient is near Adam's eps turns float32 summation-order noise into update
-  differences up to lr/eps = 1e3 times larger, so those are held to 10 x RTOL.
+  Every tensor is compared on its own, and the whole parameter vector too. Zero-initialised
+  biases hold nothing but one Adam step after the first step, and an element whose gradient is
+  near Adam's eps turns float32 summation-order noise into update differences up to lr/eps =
+  1e3 times larger, so those are held to 10 x RTOL; so are token embedding tables, whose rows
+  for tokens seen once or twice in the batch get gradients that small too (1.2e-5 on fsdp8 with
+  jax 0.10.2, before and after the modality-generic redesign alike).
   """
   got, want = np.load(got_path), np.load(want_path)
   np.testing.assert_allclose(got['__loss__'], want['__loss__'], rtol=RTOL)
   names = [k for k in want.files if k != '__loss__']
   assert sorted(names) == sorted(k for k in got.files if k != '__loss__')
   errors = {k: relative_error(got[k], want[k]) for k in names}
-  zero_init = {k for k in names if k.endswith('/bias') and np.abs(want[k]).max() <= 2e-3}
-  worst = {k: e for k, e in errors.items() if e > (10 * RTOL if k in zero_init else RTOL)}
+  near_eps = {k for k in names if (k.endswith('/bias') and np.abs(want[k]).max() <= 2e-3)
+              or k.endswith('token_embedding/embedding')}
+  worst = {k: e for k, e in errors.items() if e > (10 * RTOL if k in near_eps else RTOL)}
   assert not worst, worst
   total = np.sqrt(sum(np.sum((got[k] - want[k]) ** 2) for k in names)
                   / sum(np.sum(want[k] ** 2) for k in names))

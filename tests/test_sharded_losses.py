@@ -60,23 +60,43 @@ def np_sigmoid(za, zb, t, bias):
 # ----------------------------------------------------------------- the checks (child)
 
 
-def _embeddings(seed):
-  """Unit vectors, the text a noisy copy of the image: batch accuracy well inside (0, 1)."""
+def _embeddings(seed, modalities=('image', 'text')):
+  """Unit vectors, the other modalities noisy copies of the first: batch accuracy well inside
+  (0, 1)."""
   rng = np.random.default_rng(seed)
   za = rng.normal(size=(GLOBAL_BATCH, DIM))
-  zb = za + 1.2 * rng.normal(size=za.shape)
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
-  return unit(za), unit(zb)
+  rest = [za + 1.2 * rng.normal(size=za.shape) for _ in modalities[1:]]
+  return tuple(unit(z) for z in [za] + rest)
 
 
-def _step(name, **kwargs):
-  """jit(value_and_grad) of a registered objective w.r.t. both embeddings, scale and bias. A
-  fresh jit per case: the logical-axis rules the loss reads are not part of jit's cache key."""
-  def loss_fn(za, zb, scale, bias):
-    outputs = {'embeddings': {'image': za, 'text': zb}, 'logit_scale': scale,
+def _step(name, pairs=(('image', 'text'),), **kwargs):
+  """jit(value_and_grad) of a registered objective over `pairs` w.r.t. the embeddings of the
+  pairs' modalities (in order of appearance), scale and bias. A fresh jit per case: the
+  logical-axis rules the loss reads are not part of jit's cache key."""
+  modalities = list(dict.fromkeys(m for pair in pairs for m in pair[:2]))
+
+  def loss_fn(*args):
+    *embeddings, scale, bias = args
+    outputs = {'embeddings': dict(zip(modalities, embeddings)), 'logit_scale': scale,
                'logit_bias': bias}
-    return objectives.REGISTRY[name].fn(outputs, {}, **kwargs)
-  return jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 2, 3), has_aux=True))
+    return objectives.REGISTRY[name].fn(outputs, {}, pairs=pairs, **kwargs)
+  return jax.jit(jax.value_and_grad(loss_fn, argnums=tuple(range(len(modalities) + 2)),
+                                    has_aux=True))
+
+
+def _weighted(references, weights, owners, num_modalities):
+  """The reference of several pairs from each pair's own: loss and gradients the weighted sums
+  (a modality's gradient summed over the pairs it is in), batch accuracy the pairs' mean."""
+  loss = sum(w * r[0] for r, w in zip(references, weights))
+  accuracy = np.mean([r[1] for r in references])
+  grads = [0.0] * (num_modalities + 2)
+  for (_, _, (ga, gb, gs, gbias)), w, (a, b) in zip(references, weights, owners):
+    grads[a] += w * ga
+    grads[b] += w * gb
+    grads[-2] += w * gs
+    grads[-1] += w * gbias
+  return loss, accuracy, tuple(grads)
 
 
 def _relative_error(got, want):
@@ -92,12 +112,14 @@ def _run(step, args, collective=None):
   return lowered.compile()(*args)
 
 
-def _check(label, result, reference):
+def _check(label, result, reference, modalities=('image', 'text')):
   (loss, metrics), grads = result
   want_loss, want_accuracy, want_grads = reference
   errors = {'loss': _relative_error(loss, want_loss)}
+  names = tuple(modalities) + ('scale', 'bias')
+  assert len(grads) == len(want_grads) == len(names), (len(grads), len(want_grads))
   errors.update({f'd_{k}': _relative_error(g, w)
-                 for k, g, w in zip(('image', 'text', 'scale', 'bias'), grads, want_grads)
+                 for k, g, w in zip(names, grads, want_grads)
                  if k != 'bias' or 'sigmoid' in label})
   assert max(errors.values()) <= TOLERANCE, f'{label}: relative errors {errors}'
   assert metrics['batch_accuracy'] == want_accuracy, (
@@ -154,7 +176,36 @@ def main():
   assert ring[0][1]['batch_accuracy'] == dense[0][1]['batch_accuracy']
   _check('one device softmax', _step('softmax_contrastive')(za, zb, *scalars),
          references['softmax'])
+  _several_pairs()
   print('all cases passed')
+
+
+def _several_pairs():
+  """Three modalities bound by two pairs (one weighted, one between two non-image
+  modalities), sharded: the weighted sum of the single-pair references."""
+  modalities = ('image', 'text', 'audio')
+  pairs = (('image', 'text'), ('text', 'audio', 0.5))
+  z64 = _embeddings(seed=1, modalities=modalities)
+  owners = [(modalities.index(a), modalities.index(b)) for a, b, *_ in pairs]
+  weights = [1.0, 0.5]
+  references = {
+      'softmax': _weighted([np_softmax(z64[a], z64[b], SCALE) for a, b in owners], weights,
+                           owners, len(modalities)),
+      'sigmoid': _weighted([np_sigmoid(z64[a], z64[b], SCALE, BIAS) for a, b in owners],
+                           weights, owners, len(modalities))}
+  mesh = jax.make_mesh((2, 2, 2), AXES, axis_types=(AxisType.Auto,) * 3)
+  batch = NamedSharding(mesh, P(('data', 'fsdp')))
+  replicated = NamedSharding(mesh, P())
+  with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+    args = tuple(jax.device_put(z.astype(np.float32), batch) for z in z64) + (
+        jax.device_put(np.float32(SCALE), replicated),
+        jax.device_put(np.float32(BIAS), replicated))
+    _check('two pairs, mesh 2x2x2, softmax',
+           _run(_step('softmax_contrastive', pairs), args, 'all_gather'),
+           references['softmax'], modalities)
+    _check('two pairs, mesh 2x2x2, sigmoid ring chunk=4',
+           _run(_step('sigmoid_contrastive', pairs, chunk_size=4), args, 'collective_permute'),
+           references['sigmoid'], modalities)
 
 
 def test_sharded_losses_equal_the_single_device_reference():

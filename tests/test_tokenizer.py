@@ -4,6 +4,7 @@ import pytest
 import sentencepiece as spm
 import tensorflow as tf
 
+from mmfusion import vocab
 from mmfusion.data import shapes
 from mmfusion.data import tokenizer as tokenizer_lib
 
@@ -36,6 +37,12 @@ def test_training_is_deterministic_and_atomic(corpus, tmp_path):
 def test_conventions(tok):
   assert (tok.pad_id, tok.eos_id) == (tokenizer_lib.PAD_ID, tokenizer_lib.EOS_ID) == (0, 3)
   assert 10 < tok.vocab_size <= 128
+  # The ids the models use (mmfusion.vocab) are the ones the tokenizer trains with.
+  assert ((tokenizer_lib.PAD_ID, tokenizer_lib.UNK_ID, tokenizer_lib.BOS_ID,
+           tokenizer_lib.EOS_ID) == (vocab.PAD_ID, vocab.UNK_ID, vocab.BOS_ID, vocab.EOS_ID))
+  processor = spm.SentencePieceProcessor(model_file=tok.model_path)
+  assert (processor.unk_id(), processor.bos_id()) == (vocab.UNK_ID, vocab.BOS_ID)
+  assert min(processor.piece_to_id(p) for p in ['▁a', '▁red']) >= vocab.FIRST_NORMAL_ID
 
 
 def test_round_trip(tok, corpus):

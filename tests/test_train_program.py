@@ -9,7 +9,7 @@ import pytest
 from configs import benchmark
 from mmfusion import sharding
 from mmfusion import train
-from mmfusion.models import layers
+from mmfusion.models import layout
 
 
 def small_config(arg=''):
@@ -19,7 +19,7 @@ def small_config(arg=''):
   config.tokenizer.max_len = 8
   config.tokenizer.vocab_size = 64
   for tower in ('image', 'text'):
-    config.model[tower].update(width=32, mlp_dim=64, num_heads=2)
+    config.model.towers[tower].update(width=32, mlp_dim=64, num_heads=2)
   config.model.embed_dim = 16
   config.lock()
   return config
@@ -62,7 +62,7 @@ def three_step_losses(config):
   if config.model.scan_layers:   # start from the unrolled model's exact params
     reference = train.TrainProgram(small_config(), config.tokenizer.vocab_size, program.mesh)
     unrolled = reference.init_state(0)
-    stacked = jax.device_put(layers.scan_layout(jax.device_get(unrolled.params)),
+    stacked = jax.device_put(layout.scan_layout(jax.device_get(unrolled.params)),
                              program.state_shardings.params)
     state = state.replace(params=stacked, opt_state=program.tx.init(stacked))
   out = []

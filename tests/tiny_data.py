@@ -1,5 +1,5 @@
 """The tiny variant of the embedded dataset and batch helpers, shared by the data test modules
-(its fixtures, `data_dir`, `config`, `tok`, `sharding`, are in conftest.py)."""
+(its fixtures, `data_dir`, `config`, `source`, `tok`, `sharding`, are in conftest.py)."""
 import numpy as np
 
 from mmfusion import config as config_lib

@@ -30,7 +30,7 @@ import numpy as np
 
 from benchmarks import environment
 from mmfusion.data import tokenizer
-from mmfusion.models import vit
+from mmfusion.models import layers
 
 INSTALL_HINT = "pip install -e '.[bench]'"
 IMAGE_POOLS = {'cls': 'tok', 'gap': 'avg'}      # mmfusion pool -> open_clip pool_type
@@ -49,7 +49,7 @@ def check_installed() -> None:
 def _sizes(tower_config: ml_collections.ConfigDict) -> dict[str, int]:
   sizes = dict(width=tower_config.width, depth=tower_config.depth,
                mlp_dim=tower_config.mlp_dim, num_heads=tower_config.num_heads)
-  sizes.update(vit.decode_variant(tower_config.variant))
+  sizes.update(layers.decode_variant(tower_config.variant))
   return sizes
 
 
@@ -58,11 +58,11 @@ def spec(config: ml_collections.ConfigDict, *, warmup: int | None = None,
   """What the worker builds and runs, as JSON-able values; a ValueError naming the config key
   for anything open_clip's CLIP or this peer cannot express."""
   model = config.model
-  if model.image.pool not in IMAGE_POOLS:
-    raise ValueError(f'config.model.image.pool={model.image.pool!r}: the open_clip peer supports '
+  if model.towers.image.pool not in IMAGE_POOLS:
+    raise ValueError(f'config.model.towers.image.pool={model.towers.image.pool!r}: the open_clip peer supports '
                      f'{sorted(IMAGE_POOLS)}.')
-  if model.text.pool not in TEXT_POOLS:
-    raise ValueError(f'config.model.text.pool={model.text.pool!r}: the open_clip peer supports '
+  if model.towers.text.pool not in TEXT_POOLS:
+    raise ValueError(f'config.model.towers.text.pool={model.towers.text.pool!r}: the open_clip peer supports '
                      f'{sorted(TEXT_POOLS)}.')
   if model.dtype not in PRECISIONS:
     raise ValueError(f'config.model.dtype={model.dtype!r}: the open_clip peer runs '
@@ -70,17 +70,17 @@ def spec(config: ml_collections.ConfigDict, *, warmup: int | None = None,
   if model.param_dtype != 'float32':
     raise ValueError(f'config.model.param_dtype={model.param_dtype!r}: the open_clip peer keeps '
                      'float32 params, as open_clip trains.')
-  image, text = _sizes(model.image), _sizes(model.text)
+  image, text = _sizes(model.towers.image), _sizes(model.towers.text)
   vision_cfg = dict(
       image_size=config.data.image_size,
-      patch_size=vit.decode_variant(model.image.variant).get('patch_size', model.image.patch_size),
+      patch_size=layers.decode_variant(model.towers.image.variant).get('patch_size', model.towers.image.patch_size),
       width=image['width'], layers=image['depth'], head_width=image['width'] // image['num_heads'],
-      mlp_ratio=image['mlp_dim'] / image['width'], pool_type=IMAGE_POOLS[model.image.pool])
+      mlp_ratio=image['mlp_dim'] / image['width'], pool_type=IMAGE_POOLS[model.towers.image.pool])
   text_cfg = dict(
       context_length=config.tokenizer.max_len, vocab_size=config.tokenizer.vocab_size,
       width=text['width'], heads=text['num_heads'], layers=text['depth'],
-      mlp_ratio=text['mlp_dim'] / text['width'], no_causal_mask=not model.text.causal,
-      pad_id=tokenizer.PAD_ID, eos_id=tokenizer.EOS_ID, pool_type=TEXT_POOLS[model.text.pool])
+      mlp_ratio=text['mlp_dim'] / text['width'], no_causal_mask=not model.towers.text.causal,
+      pad_id=tokenizer.PAD_ID, eos_id=tokenizer.EOS_ID, pool_type=TEXT_POOLS[model.towers.text.pool])
   optim = {k: float(config.optim[k]) for k in ('lr', 'b1', 'b2', 'eps', 'weight_decay', 'clip_norm')}
   return {
       'embed_dim': model.embed_dim, 'vision_cfg': vision_cfg, 'text_cfg': text_cfg,

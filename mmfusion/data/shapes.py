@@ -6,21 +6,27 @@ also the template for adding your own TFDS dataset to mmfusion (see below).
 Adding your own dataset
 -----------------------
 Write a `tfds.core.GeneratorBasedBuilder` like `MmfusionShapes` below:
-  * `_info()` declares the features. The input pipeline (`mmfusion/data/pipeline.py`)
-    reads `image` (`tfds.features.Image`, any size, 1 or 3 channels) and `captions`
+  * `_info()` declares the features. The input ops (`mmfusion/data/ops.py`, by name in
+    `config.data.inputs`) read them: op `image` reads `image` (`tfds.features.Image`, any
+    size, 1 or 3 channels), op `text` reads `captions`
     (`tfds.features.Sequence(tfds.features.Text(), length=K)` with a fixed K, or a
-    single `tfds.features.Text()`), plus `label` (`tfds.features.ClassLabel`, whose names
-    become zero-shot class prompts) when present. Scalar features such as `num_objects`
-    can be used to filter evaluation sets (`keep_if`). Other features are ignored.
+    single `tfds.features.Text()`), op `label` reads `label` (`tfds.features.ClassLabel`,
+    whose names become zero-shot class prompts), op `question` reads `questions` and
+    `answers`. Scalar features such as `num_objects` can be used to filter evaluation sets
+    (`keep_if`). Other features are ignored. A feature of a modality of your own comes with
+    an op of your own (`ops.register`).
   * `_split_generators(dl_manager)` returns `{split_name: self._generate_examples(...)}`;
     download with `dl_manager` there if you must, on a machine with network: training
     never downloads, it only reads what `tfds build` prepared under `config.data.data_dir`.
   * `_generate_examples(...)` yields `(unique_key, example_dict)`.
   * Import the module before `tfds.builder(name)` is called so that TFDS registers it,
-    and set `config.data.name` to its snake_case name.
+    and set `config.data.name` to its snake_case name. With `RENDERED_LOCALLY = True` (as
+    here) mmfusion prepares it into the data dir at first use.
 
 Each example is rendered from `np.random.default_rng([seed, split_id, index])`, so the
 data do not depend on generation order, and the same seed gives identical tfrecord bytes.
+(One file of ~430 lines on purpose: as the template for your own dataset, the renderer and the
+builder read together.)
 """
 from __future__ import annotations
 
@@ -377,6 +383,8 @@ class MmfusionShapes(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'First release.'}
   BUILDER_CONFIGS = list(_BUILDER_CONFIGS)
+  RENDERED_LOCALLY = True          # mmfusion prepares it at first use (data/sources.py)
+  config_from_spec = staticmethod(config_from_spec)
 
   @tfds.core.utils.classproperty
   @classmethod

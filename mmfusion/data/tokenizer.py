@@ -19,7 +19,7 @@ import numpy as np
 import sentencepiece as spm
 import tensorflow as tf
 
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+from mmfusion.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID  # noqa: F401 (re-exported)
 
 
 def train_tokenizer(sentences: Iterable[str], model_path: str, vocab_size: int) -> str:

@@ -26,15 +26,8 @@ REGISTRY: dict[str, type[common.Evaluator]] = {
 }
 
 
-def build(name: str, eval_cfg: Any, *, model: Any, config: Any, tokenizer: Any,
-          mesh: Any = None, rules: Any = None) -> common.Evaluator:
-  """The evaluator for `config.evals[name]`; bad types, keys or values fail here, naming them.
-
-  `type` picks the class and `every` (steps between runs, 0 = never during training) is the
-  trainer's; every other key goes to the evaluator, which rejects the ones it does not take.
-  `mesh` / `rules`: the run's, so evaluation runs where the params live (default: a data-
-  parallel mesh over every device).
-  """
+def _entry(name: str, eval_cfg: Any) -> tuple[type[common.Evaluator], dict[str, Any]]:
+  """(evaluator class, its options) of `config.evals[name]`; `type` and `every` checked."""
   options = common.to_plain(eval_cfg)
   if not isinstance(options, dict):
     raise ValueError(f'config.evals.{name} must be a dict(type=..., every=..., ...), '
@@ -50,5 +43,23 @@ def build(name: str, eval_cfg: Any, *, model: Any, config: Any, tokenizer: Any,
   if isinstance(every, bool) or not isinstance(every, int) or every < 0:
     raise ValueError(f'config.evals.{name}: every must be an int >= 0 (0 = never), '
                      f'got {every!r}.')
-  return REGISTRY[kind](name, model=model, config=config, tokenizer=tokenizer, mesh=mesh,
-                        rules=rules, **options)
+  return REGISTRY[kind], options
+
+
+def check(name: str, eval_cfg: Any, config: Any) -> None:
+  """Checks `config.evals[name]` against the config without building anything."""
+  cls, options = _entry(name, eval_cfg)
+  cls.check_options(name, options, config)
+
+
+def build(name: str, eval_cfg: Any, *, model: Any, config: Any, source: Any,
+          mesh: Any = None, rules: Any = None) -> common.Evaluator:
+  """The evaluator for `config.evals[name]`; bad types, keys or values fail here, naming them.
+
+  `type` picks the class and `every` (steps between runs, 0 = never during training) is the
+  trainer's; every other key goes to the evaluator, which rejects the ones it does not take.
+  `source` is the run's dataset (data.sources.Source). `mesh` / `rules`: the run's, so
+  evaluation runs where the params live (default: a data-parallel mesh over every device).
+  """
+  cls, options = _entry(name, eval_cfg)
+  return cls(name, model=model, config=config, source=source, mesh=mesh, rules=rules, **options)

@@ -1,20 +1,18 @@
-"""Captioning: the model's caption decoder writes a caption per image (greedy or beam search,
-with a key/value cache), scored with corpus BLEU-4 against the image's reference captions and
-with the accuracy of its attribute words (colours, shapes, sizes) against the image's objects.
+"""Captioning: the model's caption head writes its target modality (a caption) for each example
+of its context modality (greedy or beam search, with a key/value cache), scored with corpus
+BLEU-4 against the example's reference texts and with the accuracy of its attribute words
+(colours, shapes, sizes) against the example's objects, where the dataset has them.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from mmfusion.evals import common
 from mmfusion.evals import metrics
 from mmfusion.models import decoder as decoder_lib
-
-ATTRIBUTES = ('colour', 'shape', 'size')
 
 
 class Captioning(common.Evaluator):
@@ -29,49 +27,68 @@ class Captioning(common.Evaluator):
   OPTIONS = {**common.Evaluator.OPTIONS, 'decode': 'greedy', 'beam_size': 4,
              'length_penalty': 0.6}
 
+  @classmethod
+  def check_options(cls, name, options, config):
+    options = super().check_options(name, options, config)
+    if 'caption' not in config.model.heads:
+      raise ValueError(f'config.evals.{name}: type captioning needs a caption head: set '
+                       'config.model.heads.caption.')
+    if options['decode'] not in ('greedy', 'beam'):
+      raise ValueError(f"config.evals.{name}: decode must be 'greedy' or 'beam', got "
+                       f"{options['decode']!r}.")
+    options['beam_size'] = common.check_positive_int(name, 'beam_size', options['beam_size'])
+    penalty = options['length_penalty']
+    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not penalty >= 0:
+      raise ValueError(f'config.evals.{name}: length_penalty must be a number >= 0, got '
+                       f'{penalty!r}.')
+    return options
+
   def __init__(self, name: str, **kwargs: Any):
     super().__init__(name, **kwargs)
-    if not self.config.model.decoder.depth:
-      raise self.error('type captioning needs a caption decoder: set config.model.decoder.depth.')
-    if self.options['decode'] not in ('greedy', 'beam'):
-      raise self.error(f"decode must be 'greedy' or 'beam', got {self.options['decode']!r}.")
-    self.beam_size = common.check_positive_int(self, 'beam_size', self.options['beam_size'])
+    head = self.config.model.heads.caption
+    self.target, self.context = head.target, head.context
+    self.beam_size = self.options['beam_size']
     self._generate = self.jit(self._captions)
 
+  def inputs(self):
+    objects = ('objects',) if 'objects' in self.source.features else ()
+    return (self.context, self.target) + objects
+
   def _captions(self, params: common.Params, batch: common.Batch) -> dict[str, Any]:
-    image = self.model.apply({'params': params}, {'image': batch['image']})
-    tokens_bnw = image['tokens']['image']
-    mask_bn = jnp.ones(tokens_bnw.shape[:2], jnp.bool_)
-    decoder, dec_params = self.model.caption_decoder, params['caption_decoder']
-    max_len = self.config.model.decoder.max_len
+    variables = {'params': params}
+    context = self.model.apply(variables, self.context, batch[self.context],
+                               batch.get(f'{self.context}_mask'), method=type(self.model).encode)
+    head = self.model.heads['caption']
+    decoder, dec_params = head.decoder, params['caption']['decoder']
+    max_len = decoder.max_len
     if self.options['decode'] == 'greedy':
-      ids = decoder_lib.greedy_decode(decoder, dec_params, tokens_bnw, mask_bn, max_len=max_len)
+      ids = decoder_lib.greedy_decode(decoder, dec_params, context.tokens, context.mask,
+                                      max_len=max_len)
     else:
-      ids, _ = decoder_lib.beam_search(decoder, dec_params, tokens_bnw, mask_bn, max_len=max_len,
-                                       beam_size=self.beam_size,
+      ids, _ = decoder_lib.beam_search(decoder, dec_params, context.tokens, context.mask,
+                                       max_len=max_len, beam_size=self.beam_size,
                                        length_penalty=self.options['length_penalty'])
-    out = {'ids': ids, 'captions': batch['captions'], 'captions_mask': batch['captions_mask']}
-    out.update({f'object_{a}': batch[f'object_{a}'] for a in ATTRIBUTES
-                if f'object_{a}' in batch})
+    out = {'ids': ids, 'references': batch[self.target],
+           'references_mask': batch[f'{self.target}_mask']}
+    out.update({k: v for k, v in batch.items() if k.startswith('object_')})
     return out
 
   def attribute_names(self) -> dict[str, list[str]]:
-    from mmfusion.data import pipeline
-    features = pipeline.get_builder(self.config.data).info.features
-    if 'objects' not in features:
+    if 'objects' not in self.source.features:
       return {}
-    objects = features['objects'].feature
-    return {a: list(objects[a].names) for a in ATTRIBUTES if a in objects}
+    from mmfusion.data import ops
+    return ops.build(self.source, ['objects'])['objects'].names()
 
   def run(self, params: common.Params) -> Iterator[tuple[str, float]]:
     rows = self.collect(lambda batch: self._generate(params, batch))
     num_examples = len(rows.get('ids', ()))
     common.check_not_empty(self, num_examples)
-    hypotheses = [t.split() for t in self.tokenizer.decode(rows['ids'])]
+    tokenizer = self.source.tokenizer
+    hypotheses = [t.split() for t in tokenizer.decode(rows['ids'])]
     references = []
-    for ids, mask in zip(rows['captions'], rows['captions_mask']):
+    for ids, mask in zip(rows['references'], rows['references_mask']):
       real = mask.any(axis=-1)
-      references.append([t.split() for t in self.tokenizer.decode(ids[real])])
+      references.append([t.split() for t in tokenizer.decode(ids[real])])
     yield 'bleu4', metrics.bleu(hypotheses, references)
     yield from attribute_scores(hypotheses, rows, self.attribute_names()).items()
     yield 'mean_length', float(np.mean([len(h) for h in hypotheses]))

@@ -1,6 +1,5 @@
-"""Supervised classification with the model's own head: argmax of out['logits'] vs label.
-
-Needs a head (config.model.head.num_classes > 0, or -1 = the dataset's) fed from the image.
+"""Supervised classification with the model's own head: argmax of the classification head's
+logits vs label, on the modality the head reads (config.model.heads.classification.input).
 """
 from __future__ import annotations
 
@@ -19,36 +18,41 @@ class Classification(common.Evaluator):
   TYPE = 'classification'
   OPTIONS = dict(common.Evaluator.OPTIONS)
 
+  @classmethod
+  def check_options(cls, name, options, config):
+    options = super().check_options(name, options, config)
+    if 'classification' not in config.model.heads:
+      raise ValueError(f'config.evals.{name}: type classification needs a classification head, '
+                       'but config.model.heads has none.')
+    return options
+
   def __init__(self, name: str, **kwargs: Any):
     super().__init__(name, **kwargs)
-    head = self.config.model.head
-    if head.num_classes == 0 or head.num_classes < -1:
-      raise self.error('type classification needs a classification head, but '
-                       f'config.model.head.num_classes is {head.num_classes}.')
-    if head.input != 'image':
-      # Only the image goes into the forward pass here; a head on other inputs needs an
-      # evaluator that also feeds them.
-      raise self.error("type classification evaluates a head on the image, but "
-                       f"config.model.head.input is {head.input!r}.")
+    head = self.config.model.heads.classification
+    self.modality = head.input
     # -1 means "as many as the dataset has"; the trainer resolves it before building, a
     # notebook may not, so it is looked up (once) at the first run instead.
-    self.num_classes = int(head.num_classes) if head.num_classes > 0 else None
+    num_classes = head.get('num_classes', -1)
+    self.num_classes = int(num_classes) if num_classes > 0 else None
     self._predict = self.predict(self._argmax)
 
+  def inputs(self):
+    return (self.modality, 'label')
+
   def _argmax(self, out: dict[str, Any]) -> Any:
-    if 'logits' not in out:
-      raise self.error(f'the model returned no "logits" (outputs: {sorted(out)}).')
-    logits = out['logits']
+    if 'classification' not in out:
+      raise self.error(f'the model returned no classification (outputs: {sorted(out)}).')
+    logits = out['classification']['logits']
     if logits.ndim != 2 or logits.shape[-1] != self.num_classes:
       raise self.error(f'logits have shape {logits.shape}, expected [batch, '
-                       f'{self.num_classes}] (config.model.head.num_classes).')
+                       f'{self.num_classes}] (config.model.heads.classification.num_classes).')
     return jnp.argmax(logits, axis=-1)
 
   def run(self, params: common.Params) -> Iterator[tuple[str, float]]:
     if self.num_classes is None:
-      self.num_classes = len(self.class_names())
+      self.num_classes = len(self.source.class_names())
     rows = self.collect(lambda batch: {
-        'pred': self._predict(params, {'image': batch['image']}),
+        'pred': self._predict(params, common.modality_entries(batch, self.modality)),
         'label': batch['label'],
     })
     num_examples = len(rows.get('label', ()))

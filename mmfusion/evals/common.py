@@ -1,10 +1,10 @@
 """What every evaluator shares: option checking, the jitted predict on the training mesh, and
 gathering valid rows from every host.
 
-Evaluators stream `pipeline.eval_batches` (each process reads its own part of the split,
-padded so every process runs the same number of batches), assemble global batches on the
-mesh, run jitted forward passes under the run's sharding rules, and gather the outputs of
-every process to every host (`collect`); the scoring itself is numpy (`metrics.py`).
+Evaluators stream `data.evaluation.batches` of the inputs they need (each process reads its own
+part of the split, padded so every process runs the same number of batches), assemble global
+batches on the mesh, run jitted forward passes under the run's sharding rules, and gather the
+outputs of every process to every host (`collect`); the scoring itself is numpy (`metrics.py`).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from mmfusion import sharding
 
 Params = Any          # a pytree of arrays, as `model.apply({'params': params}, ...)` takes it
 Batch = dict[str, np.ndarray]
+REQUIRED = object()   # an option without a default (OPTIONS)
 
 
 def to_plain(value: Any) -> Any:
@@ -30,56 +31,79 @@ def to_plain(value: Any) -> Any:
 class Evaluator:
   """Options shared by every type, option checking, and the batches of the split.
 
-  Subclasses extend OPTIONS (name -> default) and implement `run(params)`, which yields
-  (metric_name, float) pairs. Every option is checked in __init__, so a bad entry in
-  `config.evals` fails when the evaluator is built, before any compute.
+  Subclasses extend OPTIONS (name -> default; REQUIRED marks the ones a config must give) and
+  implement `run(params)`, which yields (metric_name, float) pairs, and `inputs()`, the input
+  ops their batches need. Options are checked by the classmethod `check_options` (which
+  config.validate calls before anything runs) and again when the evaluator is built.
   """
   TYPE = ''            # the `type=` that selects this class in config.evals
   OPTIONS: dict[str, Any] = dict(split='test', batch_size=256, keep_if=None)
 
-  def __init__(self, name: str, *, model: Any, config: Any, tokenizer: Any,
+  def __init__(self, name: str, *, model: Any, config: Any, source: Any,
                mesh: jax.sharding.Mesh | None = None, rules: Any = None, **options: Any):
     self.name = name
     self.model = model
     self.config = config
-    self.tokenizer = tokenizer
+    self.source = source          # data.sources.Source: the dataset, its tokenizer and ops
     # The run's mesh and rules: params arrive sharded as the trainer holds them, and the
     # forward pass runs with the same activation shardings. Alone (a notebook): every device.
     self.mesh = mesh if mesh is not None else sharding.make_mesh({'data': -1})
     self.rules = tuple(rules) if rules is not None else sharding.DEFAULT_RULES
     self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
-    unknown = sorted(set(options) - set(self.OPTIONS))
-    if unknown:
-      raise self.error(f'unknown key(s) {unknown} for type {self.TYPE!r}; it accepts '
-                       f'type, every, {", ".join(sorted(self.OPTIONS))}.')
-    options = {**self.OPTIONS, **{k: to_plain(v) for k, v in options.items()}}
-    self.options = options
-
+    self.options = options = self.check_options(name, options, config)
     self.split = options['split']
-    if not isinstance(self.split, str) or not self.split:
-      raise self.error(f'split must be a non-empty string, got {self.split!r}.')
-    self.batch_size = check_positive_int(self, 'batch_size', options['batch_size'])
+    self.batch_size = options['batch_size']
     self.host_batch_size = host_batch_size(
         self.batch_size, sharding.data_parallel_size(self.mesh, self.rules), jax.process_count())
+    # An empty filter means "keep everything"; the pipeline gets None for it.
+    self.keep_if = dict(options['keep_if']) if options['keep_if'] else None
+
+  @classmethod
+  def check_options(cls, name: str, options: Mapping[str, Any], config: Any) -> dict[str, Any]:
+    """`options` with defaults filled in; an unknown or bad one fails, naming the key."""
+    error = lambda message: ValueError(f'config.evals.{name}: {message}')
+    unknown = sorted(set(options) - set(cls.OPTIONS))
+    if unknown:
+      raise error(f'unknown key(s) {unknown} for type {cls.TYPE!r}; it accepts type, every, '
+                  f'{", ".join(sorted(cls.OPTIONS))}.')
+    options = {**cls.OPTIONS, **{k: to_plain(v) for k, v in options.items()}}
+    missing = sorted(k for k, v in options.items() if v is REQUIRED)
+    if missing:
+      raise error(f'type {cls.TYPE!r} needs {missing} (modality names of config.model.towers: '
+                  f'{sorted(config.model.towers)}).')
+    if not isinstance(options['split'], str) or not options['split']:
+      raise error(f"split must be a non-empty string, got {options['split']!r}.")
+    options['batch_size'] = check_positive_int(name, 'batch_size', options['batch_size'])
     keep_if = options['keep_if']
     if keep_if is not None and not isinstance(keep_if, Mapping):
-      raise self.error(f'keep_if must be a dict (feature -> value) or None, got {keep_if!r}.')
-    # An empty filter means "keep everything"; the pipeline gets None for it.
-    self.keep_if = dict(keep_if) if keep_if else None
+      raise error(f'keep_if must be a dict (feature -> value) or None, got {keep_if!r}.')
+    return options
+
+  @classmethod
+  def check_modality(cls, name: str, key: str, modality: Any, config: Any) -> str:
+    if not isinstance(modality, str) or modality not in config.model.towers:
+      raise ValueError(f'config.evals.{name}.{key} = {modality!r}: no such tower in '
+                       f'config.model.towers (it has {sorted(config.model.towers)}).')
+    return modality
+
+  def inputs(self) -> tuple[str, ...]:
+    """The input ops whose evaluation entries the batches carry."""
+    raise NotImplementedError
 
   def error(self, message: str) -> ValueError:
     return ValueError(f'config.evals.{self.name}: {message}')
 
   def batches(self) -> Iterator[Batch]:
-    # Imported here, not at module level: the pipeline pulls in TensorFlow, which neither
+    # Imported here, not at module level: the data side pulls in TensorFlow, which neither
     # building an evaluator nor importing mmfusion.evals should pay for.
-    from mmfusion.data import pipeline
-    return pipeline.eval_batches(self.config, self.split, self.tokenizer, self.host_batch_size,
-                                 keep_if=self.keep_if)
+    from mmfusion.data import evaluation
+    return evaluation.batches(self.source, self.split, self.inputs(), self.host_batch_size,
+                              keep_if=self.keep_if)
 
-  def class_names(self) -> list[str]:
-    from mmfusion.data import pipeline
-    return list(pipeline.class_names(self.config))
+  def raw_inputs(self, op_name: str, values: Any) -> dict[str, np.ndarray]:
+    """Plain values (e.g. prompt strings) -> batch entries, with the pipeline's own op."""
+    from mmfusion.data import ops
+    return ops.build(self.source, [op_name])[op_name].from_raw(values)
 
   def run(self, params: Params) -> Iterator[tuple[str, float]]:
     raise NotImplementedError
@@ -123,9 +147,9 @@ class Evaluator:
     return sharding.replicate(tree, self.mesh)
 
 
-def check_positive_int(evaluator: Evaluator, key: str, value: Any) -> int:
+def check_positive_int(name: str, key: str, value: Any) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise evaluator.error(f'{key} must be a positive int, got {value!r}.')
+    raise ValueError(f'config.evals.{name}: {key} must be a positive int, got {value!r}.')
   return int(value)
 
 
@@ -155,34 +179,29 @@ def gather_valid(outputs: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarr
   return gathered
 
 
-def embed_texts(evaluator: Evaluator, embed: Callable[[Params, Batch], Any], params: Params,
-                ids: np.ndarray, mask: np.ndarray, batch_size: int) -> np.ndarray:
-  """[N, L] token ids, the same on every process -> [N, D] float32 text embeddings, in
-  batches of one fixed shape, replicated on the evaluator's mesh.
+def embed_inputs(evaluator: Evaluator, embed: Callable[[Params, Batch], Any], params: Params,
+                 inputs: Mapping[str, np.ndarray], batch_size: int) -> np.ndarray:
+  """Batch entries with N rows, the same on every process (e.g. tokenized prompts) -> [N, D]
+  float32 embeddings, in batches of one fixed shape, replicated on the evaluator's mesh.
 
-  The last chunk is padded by repeating its final row (not with empty texts, whose
+  The last chunk is padded by repeating its final row (not with empty inputs, whose
   fully-masked attention could produce NaN) so a single compilation serves every chunk.
   """
-  n = ids.shape[0]
+  n = len(next(iter(inputs.values())))
   size = min(batch_size, n)
   chunks = []
   for start in range(0, n, size):
     stop = min(start + size, n)
-    pad = ((0, size - (stop - start)), (0, 0))
-    chunk_ids = np.pad(ids[start:stop], pad, mode='edge')
-    chunk_mask = np.pad(mask[start:stop], pad, mode='edge')
-    chunk = evaluator.replicate({'text': chunk_ids, 'text_mask': chunk_mask})
-    chunks.append((embed(params, chunk), stop - start))
+    chunk = {k: np.pad(v[start:stop], [(0, size - (stop - start))] + [(0, 0)] * (v.ndim - 1),
+                       mode='edge') for k, v in inputs.items()}
+    chunks.append((embed(params, evaluator.replicate(chunk)), stop - start))
   return np.concatenate([np.asarray(e, np.float32)[:k] for e, k in
                          zip(sharding.to_host([e for e, _ in chunks]), [k for _, k in chunks])])
 
 
-def image_embeddings(out: dict[str, Any]) -> Any:
-  return out['embeddings']['image']
-
-
-def text_embeddings(out: dict[str, Any]) -> Any:
-  return out['embeddings']['text']
+def modality_entries(batch: Mapping[str, Any], modality: str) -> dict[str, Any]:
+  """A modality's entries of a batch: `<m>` and, where it has one, `<m>_mask`."""
+  return {k: batch[k] for k in (modality, f'{modality}_mask') if k in batch}
 
 
 def check_labels(evaluator: Evaluator, label: np.ndarray, num_classes: int) -> None:

@@ -1,18 +1,22 @@
-"""Image<->text retrieval recall@k, COCO-style: every image with all K of its captions.
+"""Retrieval recall@k between any two modalities, COCO-style: every example with all its items.
 
-Image->text: an image hits at k if ANY of its captions ranks in the top k of all captions.
-Text->image: each caption is a query; it hits at k if its own image ranks in the top k.
+A modality whose evaluation entry has an items axis (text: K captions per image) contributes
+every real item; one without (image) contributes one per example. For a pair (a, b):
+a->b: each a item is a query; it hits at k if ANY item of its own example ranks in the top k
+of all b items. b->a: the same the other way round.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from mmfusion import sharding
 from mmfusion.evals import common
 from mmfusion.evals import metrics
+from mmfusion.models import towers
 
 KS = (1, 5, 10)
 # Rows of the [queries, candidates] score matrix scored at once: bounds host memory to
@@ -20,116 +24,155 @@ KS = (1, 5, 10)
 _SCORE_BLOCK_ELEMENTS = 1 << 22
 
 
+def direction(a: str, b: str) -> str:
+  """Metric prefix of a->b retrieval: 'i2t' for image->text; whole names ('sensor2speech')
+  when the initials would not tell the modalities apart."""
+  return f'{a[0]}2{b[0]}' if a[0] != b[0] else f'{a}2{b}'
+
+
 class Retrieval(common.Evaluator):
-  """Yields i2t_r{1,5,10}, t2i_r{1,5,10} (fractions), num_images and num_captions.
+  """Yields <a>2<b>_r{1,5,10} and <b>2<a>_r{1,5,10} (fractions, e.g. i2t_r1 and t2i_r1 for
+  pair=('image', 'text')), num_<a> and num_<b> (items scored).
 
-  rerank_k > 0 (needs the model's ITM head): each query's top rerank_k candidates by the
-  contrastive score are re-ordered, and the recalls of that ranking are yielded too, as
-  i2t_rerank_r{1,5,10} and t2i_rerank_r{1,5,10}. rerank_score says by what: 'itm', the ITM
-  head's match-minus-no-match logit alone (ALBEF), or 'itm+contrastive' (default), that plus
-  the contrastive logit (logit_scale x cosine), as BLIP adds the similarity to the ITM score:
-  both are log-odds, and the sum keeps what each knows.
+  rerank_k > 0 (needs the model's ITM head on the same pair): each query's top rerank_k
+  candidates by the contrastive score are re-ordered, and the recalls of that ranking are
+  yielded too, as <a>2<b>_rerank_r{1,5,10} and <b>2<a>_rerank_r{1,5,10}. rerank_score says by
+  what: 'itm', the ITM head's match-minus-no-match logit alone (ALBEF), or 'itm+contrastive'
+  (default), that plus the contrastive logit (logit_scale x cosine), as BLIP adds the
+  similarity to the ITM score: both are log-odds, and the sum keeps what each knows.
 
-  Captions whose mask is all False are padding (an image with fewer than K captions) and
-  take part neither as queries nor as candidates; they are counted out of num_captions.
-  Score ties are broken at random in expectation (`metrics.retrieval_hits`), so identical
-  caption texts under different images share credit rather than each getting it.
+  Items whose mask is all False are padding (an image with fewer than K captions) and take part
+  neither as queries nor as candidates. Score ties are broken at random in expectation
+  (`metrics.retrieval_hits`), so identical caption texts under different images share credit
+  rather than each getting it.
   """
   TYPE = 'retrieval'
-  OPTIONS = {**common.Evaluator.OPTIONS, 'rerank_k': 0, 'rerank_score': 'itm+contrastive'}
+  OPTIONS = {**common.Evaluator.OPTIONS, 'pair': common.REQUIRED, 'rerank_k': 0,
+             'rerank_score': 'itm+contrastive'}
   RERANK_SCORES = ('itm', 'itm+contrastive')
+
+  @classmethod
+  def check_options(cls, name, options, config):
+    options = super().check_options(name, options, config)
+    pair = options['pair']
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or pair[0] == pair[1]:
+      raise ValueError(f'config.evals.{name}.pair = {pair!r}: needs two different modalities.')
+    options['pair'] = tuple(cls.check_modality(name, 'pair', m, config) for m in pair)
+    rerank_k = options['rerank_k']
+    if isinstance(rerank_k, bool) or not isinstance(rerank_k, int) or rerank_k < 0:
+      raise ValueError(f'config.evals.{name}: rerank_k must be an int >= 0, got {rerank_k!r}.')
+    itm = config.model.heads.get('itm')
+    if rerank_k and (itm is None or set(itm.get('pair', ())) != set(options['pair'])):
+      raise ValueError(f'config.evals.{name}: rerank_k > 0 re-ranks with the ITM head, but '
+                       f"config.model.heads has no itm head on pair {options['pair']}.")
+    if options['rerank_score'] not in cls.RERANK_SCORES:
+      raise ValueError(f"config.evals.{name}: rerank_score must be one of {cls.RERANK_SCORES}, "
+                       f"got {options['rerank_score']!r}.")
+    return options
 
   def __init__(self, name: str, **kwargs: Any):
     super().__init__(name, **kwargs)
+    self.pair = self.options['pair']
     self.rerank_k = self.options['rerank_k']
-    if isinstance(self.rerank_k, bool) or not isinstance(self.rerank_k, int) or self.rerank_k < 0:
-      raise self.error(f'rerank_k must be an int >= 0, got {self.rerank_k!r}.')
-    if self.rerank_k and not self.config.model.heads.itm:
-      raise self.error('rerank_k > 0 re-ranks with the ITM head, but config.model.heads.itm is '
-                       'False.')
-    if self.options['rerank_score'] not in self.RERANK_SCORES:
-      raise self.error(f"rerank_score must be one of {self.RERANK_SCORES}, got "
-                       f"{self.options['rerank_score']!r}.")
     self._embed = self.jit(self._embed_batch)
-    self._match = self.jit(lambda params, pairs: self.model.apply(
-        {'params': params}, *pairs, method=type(self.model).match_logits))
+    self._match = self.jit(lambda params, encoded: self.model.apply(
+        {'params': params}, 'itm', encoded, method=type(self.model).fused_logits))
     self._logit_scale = self.jit(
         lambda params: self.model.apply({'params': params}, {})['logit_scale'])
+    self._ranks = {}     # modality -> rank of its training entry (its items axis is one more)
+
+  def inputs(self):
+    return self.pair
+
+  def _training_rank(self, modality: str) -> int:
+    if modality not in self._ranks:
+      from mmfusion.data import ops
+      spec = ops.build(self.source, [modality])[modality].spec(1)
+      self._ranks[modality] = len(spec[modality][0])
+    return self._ranks[modality]
+
+  def _items(self, params: common.Params, batch: common.Batch, modality: str) -> dict[str, Any]:
+    """One modality's items of a batch: embedding [B, K, D] and valid [B, K] (K = 1 without
+    an items axis), and the tower outputs the ITM head needs when re-ranking."""
+    entries = common.modality_entries(batch, modality)
+    has_items = batch[modality].ndim > self._training_rank(modality)
+    b = batch[modality].shape[0]
+    k = batch[modality].shape[1] if has_items else 1
+    flat = {key: v.reshape(b * k, *v.shape[2 if has_items else 1:]) for key, v in entries.items()}
+    out = self.model.apply({'params': params}, flat, train=False)
+    mask = f'{modality}_mask'
+    valid = (entries[mask].reshape(b, k, -1).any(axis=-1) if mask in entries
+             else jnp.ones((b, k), jnp.bool_))
+    items = {'embedding': out['embeddings'][modality].reshape(b, k, -1), 'valid': valid}
+    if self.rerank_k:
+      items.update(tokens=out['tokens'][modality].reshape(b, k, *out['tokens'][modality].shape[1:]),
+                   mask=out['masks'][modality].reshape(b, k, -1),
+                   pooled=out['pooled'][modality].reshape(b, k, -1))
+    return items
 
   def _embed_batch(self, params: common.Params, batch: common.Batch) -> dict[str, Any]:
-    b, k, length = batch['captions'].shape
-    apply = lambda inputs: self.model.apply({'params': params}, inputs, train=False)
-    text = apply({'text': batch['captions'].reshape(b * k, length),
-                  'text_mask': batch['captions_mask'].reshape(b * k, length)})
-    image = apply({'image': batch['image']})
-    out = {
-        'image': common.image_embeddings(image),
-        'text': common.text_embeddings(text).reshape(b, k, -1),
-        'caption_valid': batch['captions_mask'].any(axis=-1),
-    }
-    if self.rerank_k:   # what the ITM head needs, kept for the top-k pairs
-      out.update(image_tokens=image['tokens']['image'], image_pooled=image['pooled']['image'],
-                 text_tokens=text['tokens']['text'].reshape(b, k, length, -1),
-                 text_pooled=text['pooled']['text'].reshape(b, k, -1),
-                 text_mask=batch['captions_mask'])
-    return out
+    return {f'{m}/{key}': v for m in self.pair for key, v in self._items(params, batch, m).items()}
 
   def run(self, params: common.Params) -> Iterator[tuple[str, float]]:
-    rows = self.collect(lambda batch: self._embed(params, batch))
-    num_images = len(rows.get('image', ()))
-    common.check_not_empty(self, num_images)
-    image = rows['image'].astype(np.float32)                        # [N, D]
-    caption_valid = rows['caption_valid']                           # [N, K]
-    uncaptioned = np.flatnonzero(~caption_valid.any(axis=1))
-    if uncaptioned.size:
-      raise self.error(f'{uncaptioned.size} images of split {self.split!r} have no caption '
-                       '(all captions_mask False); image->text recall is undefined for them.')
-    text = rows['text'][caption_valid].astype(np.float32)           # [M, D], image-major
-    owner = np.nonzero(caption_valid)[0]                            # [M] image of each caption
+    flat = self.collect(lambda batch: self._embed(params, batch))
+    rows = {m: {key.split('/', 1)[1]: v for key, v in flat.items() if key.startswith(f'{m}/')}
+            for m in self.pair}
+    num_examples = len(rows[self.pair[0]].get('valid', ()))
+    common.check_not_empty(self, num_examples)
+    items = {}
+    for m in self.pair:
+      valid = rows[m]['valid']
+      empty = np.flatnonzero(~valid.any(axis=1))
+      if empty.size:
+        raise self.error(f'{empty.size} examples of split {self.split!r} have no {m} item (all '
+                         f'{m}_mask False); retrieval is undefined for them.')
+      items[m] = {key: v[valid] for key, v in rows[m].items() if key != 'valid'}
+      items[m]['owner'] = np.nonzero(valid)[0]
+      items[m]['embedding'] = items[m]['embedding'].astype(np.float32)
+    a, b = self.pair
+    za, zb, owner_a, owner_b = (items[a]['embedding'], items[b]['embedding'], items[a]['owner'],
+                                items[b]['owner'])
 
-    i2t = _recall_blocks(image, text, lambda q: owner[None, :] == q[:, None])
-    t2i = _recall_blocks(text, image,
-                         lambda q: np.arange(num_images)[None, :] == owner[q][:, None])
-    for k, r in zip(KS, i2t):
-      yield f'i2t_r{k}', r
-    for k, r in zip(KS, t2i):
-      yield f't2i_r{k}', r
+    def recalls(rerank=None):
+      ab = _recall_blocks(za, zb, lambda q: owner_b[None, :] == owner_a[q][:, None],
+                          rerank=rerank and (rerank[0], rerank[1]))
+      ba = _recall_blocks(zb, za, lambda q: owner_a[None, :] == owner_b[q][:, None],
+                          rerank=rerank and (rerank[0], lambda q, c: rerank[1](c, q)))
+      return ab, ba
+
+    suffix = ''
+    results = [recalls()]
     if self.rerank_k:
-      images = (rows['image_tokens'], rows['image_pooled'])
-      texts = (rows['text_tokens'][caption_valid], rows['text_pooled'][caption_valid],
-               rows['text_mask'][caption_valid])
       # The contrastive logit of a pair, added to the ITM score for 'itm+contrastive'.
       scale = 0.0
       if self.options['rerank_score'] == 'itm+contrastive':
         scale = float(sharding.to_host(self._logit_scale(params)))
 
-      def match(image_idx, text_idx):
-        contrastive = scale * np.sum(image[image_idx] * text[text_idx], axis=-1)
-        return self._match_scores(params, images, texts, image_idx, text_idx) + contrastive
-      i2t = _recall_blocks(image, text, lambda q: owner[None, :] == q[:, None],
-                           rerank=(self.rerank_k, lambda q, c: match(q, c)))
-      t2i = _recall_blocks(text, image,
-                           lambda q: np.arange(num_images)[None, :] == owner[q][:, None],
-                           rerank=(self.rerank_k, lambda q, c: match(c, q)))
-      for k, r in zip(KS, i2t):
-        yield f'i2t_rerank_r{k}', r
-      for k, r in zip(KS, t2i):
-        yield f't2i_rerank_r{k}', r
-    yield 'num_images', float(num_images)
-    yield 'num_captions', float(len(owner))
+      def match(ia, ib):
+        contrastive = scale * np.sum(za[ia] * zb[ib], axis=-1)
+        return self._match_scores(params, items, ia, ib) + contrastive
+      results.append(recalls((self.rerank_k, match)))
+    for result in results:
+      for (x, y), recall in zip(((a, b), (b, a)), result):
+        for k, r in zip(KS, recall):
+          yield f'{direction(x, y)}{suffix}_r{k}', r
+      suffix = '_rerank'
+    yield f'num_{a}', float(len(owner_a))
+    yield f'num_{b}', float(len(owner_b))
 
-  def _match_scores(self, params, images, texts, image_idx: np.ndarray,
-                    text_idx: np.ndarray) -> np.ndarray:
-    """ITM match logit minus no-match logit of the pairs (images[i], texts[j]), [P] float32,
-    in fixed-size chunks (one compilation; the last chunk padded by repeating a pair)."""
+  def _match_scores(self, params, items, ia: np.ndarray, ib: np.ndarray) -> np.ndarray:
+    """ITM match logit minus no-match logit of the item pairs (a[ia], b[ib]), [P] float32, in
+    fixed-size chunks (one compilation; the last chunk padded by repeating a pair)."""
     size = self.batch_size
     scores = []
-    for start in range(0, len(image_idx), size):
-      i = np.resize(image_idx[start:start + size], size)
-      j = np.resize(text_idx[start:start + size], size)
-      pairs = self.replicate((images[0][i], images[1][i], texts[0][j], texts[1][j], texts[2][j]))
-      logits = self._match(params, pairs)
-      scores.append((logits[:, 1] - logits[:, 0])[:min(size, len(image_idx) - start)])
+    for start in range(0, len(ia), size):
+      picked = {m: np.resize(idx[start:start + size], size)
+                for m, idx in zip(self.pair, (ia, ib))}
+      encoded = {m: towers.Encoded(tokens=items[m]['tokens'][i], mask=items[m]['mask'][i],
+                                   pooled=items[m]['pooled'][i], embedding=None)
+                 for m, i in picked.items()}
+      logits = self._match(params, self.replicate(encoded))
+      scores.append((logits[:, 1] - logits[:, 0])[:min(size, len(ia) - start)])
     return np.concatenate([np.asarray(s, np.float32) for s in sharding.to_host(scores)])
 
 

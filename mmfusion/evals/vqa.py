@@ -1,15 +1,16 @@
 """Visual question answering as classification over the answer vocabulary: the model's VQA head
-on (image, question) pairs, scored against the dataset's answers.
+on (context, question) pairs, scored against the dataset's answers.
 
-Each eval example carries Q questions ('questions' [B,Q,L], 'answers' [B,Q], -1 = an answer
-outside the vocabulary, which counts as wrong). The image tower runs once per image and the
-text tower once per question; the fusion and head run per pair.
+Each eval example carries Q questions ('question' [B,Q,L], 'answer' [B,Q], -1 = an answer
+outside the vocabulary, which counts as wrong). The context's tower runs once per example and
+the question modality's once per question; the fusion and head run per pair.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -29,26 +30,36 @@ class VQA(common.Evaluator):
   TYPE = 'vqa'
   OPTIONS = dict(common.Evaluator.OPTIONS)
 
+  @classmethod
+  def check_options(cls, name, options, config):
+    options = super().check_options(name, options, config)
+    if 'vqa' not in config.model.heads:
+      raise ValueError(f'config.evals.{name}: type vqa needs a VQA head: set '
+                       'config.model.heads.vqa (and config.model.fusion.strategy).')
+    return options
+
   def __init__(self, name: str, **kwargs: Any):
     super().__init__(name, **kwargs)
-    if not self.config.model.heads.vqa_answers:
-      raise self.error('type vqa needs a VQA head: set config.model.heads.vqa_answers '
-                       '(-1: the dataset\'s answer vocabulary) and config.model.fusion.strategy.')
+    head = self.config.model.heads.vqa
+    self.question, self.context = head.question, head.context
     self._predict = self.jit(self._answers)
+
+  def inputs(self):
+    return (self.context, 'question')
 
   def _answers(self, params: common.Params, batch: common.Batch) -> dict[str, Any]:
     variables = {'params': params}
-    b, q, length = batch['questions'].shape
-    questions_mask = batch['questions_mask'].reshape(b * q, length)
-    image = self.model.apply(variables, {'image': batch['image']})
-    question = self.model.apply(variables, {'text': batch['questions'].reshape(b * q, length),
-                                            'text_mask': questions_mask})
-    repeat = lambda x: jnp.repeat(x, q, axis=0)     # image i for each of its q questions
+    b, q, length = batch['question'].shape
+    encode = type(self.model).encode
+    context = self.model.apply(variables, self.context, batch[self.context],
+                               batch.get(f'{self.context}_mask'), method=encode)
+    asked = self.model.apply(variables, self.question, batch['question'].reshape(b * q, length),
+                             batch['question_mask'].reshape(b * q, length), method=encode)
+    repeat = lambda x: jnp.repeat(x, q, axis=0)     # example i for each of its q questions
     logits = self.model.apply(
-        variables, repeat(image['tokens']['image']), repeat(image['pooled']['image']),
-        question['tokens']['text'], question['pooled']['text'], questions_mask,
-        method=type(self.model).answer_logits)
-    return {'pred': jnp.argmax(logits, axis=-1).reshape(b, q), 'answers': batch['answers']}
+        variables, 'vqa', {self.context: jax.tree.map(repeat, context), self.question: asked},
+        method=type(self.model).fused_logits)
+    return {'pred': jnp.argmax(logits, axis=-1).reshape(b, q), 'answers': batch['answer']}
 
   def run(self, params: common.Params) -> Iterator[tuple[str, float]]:
     rows = self.collect(lambda batch: self._predict(params, batch))

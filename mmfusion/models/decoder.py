@@ -16,34 +16,16 @@ import jax
 import jax.numpy as jnp
 
 from mmfusion.models import layers
+from mmfusion.vocab import BOS_ID, EOS_ID, PAD_ID
 
 Array = jax.Array
-Dtype = Any
 Params = Any
-
-# The tokenizer's ids (mmfusion/data/tokenizer.py, not imported: it pulls in TensorFlow).
-PAD_ID, BOS_ID, EOS_ID = 0, 2, 3
 # Log-probability of an impossible beam. Finite, so sums and length normalisation never make
 # inf - inf = NaN; any real log-prob of a short caption is many orders of magnitude above it.
 NEG_INF = -1.0e9
 # Names of the cross-attention cache entries: the projected context is the same for every beam
 # of an example, so beam search never reorders them.
 CONTEXT_CACHE = ('context_key', 'context_value')
-
-
-def _attend(q_bqhd: Array, k_bkhd: Array, v_bkhd: Array, mask: Array | None) -> Array:
-  """softmax(q k^T / sqrt(d)) v, in float32 or wider, as MultiHeadAttention's 'explicit' path:
-  masked weights are exactly 0 and a row with no key to attend to gives zeros, never NaN."""
-  scale = q_bqhd.shape[-1] ** -0.5
-  acc_dtype = jnp.promote_types(q_bqhd.dtype, jnp.float32)   # at least float32
-  logits_bhqk = jnp.einsum('bqhd,bkhd->bhqk', q_bqhd, k_bkhd,
-                           preferred_element_type=acc_dtype) * scale
-  if mask is None:
-    weights_bhqk = jax.nn.softmax(logits_bhqk, axis=-1)
-  else:
-    logits_bhqk = jnp.where(mask, logits_bhqk, jnp.finfo(acc_dtype).min)
-    weights_bhqk = jnp.where(mask, jax.nn.softmax(logits_bhqk, axis=-1), 0.0)
-  return jnp.einsum('bhqk,bkhd->bqhd', weights_bhqk.astype(v_bkhd.dtype), v_bkhd)
 
 
 class StepAttention(nn.Module):
@@ -62,20 +44,20 @@ class StepAttention(nn.Module):
   Following flax's convention, the call that creates the cache does not update it: it returns
   the output of a first step at position 0 and leaves the cache empty (index 0).
   """
-  num_heads: int
+  stack: layers.StackOptions
   max_len: int = 0
   cross: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x_b1w: Array, index: Array, context_bnw: Array | None = None,
                context_mask_bn: Array | None = None) -> Array:
     batch, _, width = x_b1w.shape
-    head_dim = width // self.num_heads
+    num_heads, dtypes = self.stack.num_heads, dict(dtype=self.stack.dtype,
+                                                   param_dtype=self.stack.param_dtype)
+    head_dim = width // num_heads
     project_in = lambda name, use_bias=True: layers.HeadsDense(
-        kernel_shape=(width, self.num_heads, head_dim), kernel_axes=('embed', 'heads', 'kv'),
-        in_dims=1, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        kernel_shape=(width, num_heads, head_dim), kernel_axes=('embed', 'heads', 'kv'),
+        in_dims=1, use_bias=use_bias, **dtypes, name=name)
     query, key, value = project_in('query'), project_in('key', False), project_in('value')
     bqhd = ('batch', 'length', 'heads', 'kv')
     q_b1hd = layers.constrain(query(x_b1w), bqhd)
@@ -83,14 +65,14 @@ class StepAttention(nn.Module):
     if self.cross:
       k_bnhd, v_bnhd = self._context_kv(key, value, context_bnw)
       mask = None if context_mask_bn is None else context_mask_bn[:, None, None, :]
-      out_b1hd = _attend(q_b1hd, k_bnhd, v_bnhd, mask)
+      out_b1hd = layers.explicit_attention(q_b1hd, k_bnhd, v_bnhd, mask)[0]
     else:
       k_b1hd = layers.constrain(key(x_b1w), bqhd)
       v_b1hd = layers.constrain(value(x_b1w), bqhd)
       is_initialized = self.has_variable('cache', 'cached_key')
-      shape = (batch, self.max_len, self.num_heads, head_dim)
-      cached_key = self.variable('cache', 'cached_key', jnp.zeros, shape, self.dtype)
-      cached_value = self.variable('cache', 'cached_value', jnp.zeros, shape, self.dtype)
+      shape = (batch, self.max_len, num_heads, head_dim)
+      cached_key = self.variable('cache', 'cached_key', jnp.zeros, shape, self.stack.dtype)
+      cached_value = self.variable('cache', 'cached_value', jnp.zeros, shape, self.stack.dtype)
       if is_initialized:
         write = lambda cache, x: jax.lax.dynamic_update_slice_in_dim(cache, x, index, axis=1)
         cached_key.value = write(cached_key.value, k_b1hd)
@@ -99,14 +81,13 @@ class StepAttention(nn.Module):
         v_blhd = layers.constrain(cached_value.value, bqhd)
         # The causal mask of a single query: positions written so far, this one included.
         mask_111l = (jnp.arange(self.max_len) <= index)[None, None, None, :]
-        out_b1hd = _attend(q_b1hd, k_blhd, v_blhd, mask_111l)
+        out_b1hd = layers.explicit_attention(q_b1hd, k_blhd, v_blhd, mask_111l)[0]
       else:
-        out_b1hd = _attend(q_b1hd, k_b1hd, v_b1hd, None)   # creating the cache: a first step
+        out_b1hd = layers.explicit_attention(q_b1hd, k_b1hd, v_b1hd, None)[0]   # the cache's first step
 
     out_b1w = layers.HeadsDense(
-        kernel_shape=(self.num_heads, head_dim, width), kernel_axes=('heads', 'kv', 'embed'),
-        in_dims=2, dtype=self.dtype, param_dtype=self.param_dtype, name='out')(
-            layers.constrain(out_b1hd, bqhd))
+        kernel_shape=(num_heads, head_dim, width), kernel_axes=('heads', 'kv', 'embed'),
+        in_dims=2, **dtypes, name='out')(layers.constrain(out_b1hd, bqhd))
     return layers.constrain(out_b1w, ('batch', 'length', 'embed'))
 
   def _context_kv(self, key: nn.Module, value: nn.Module,
@@ -128,44 +109,36 @@ class DecoderBlock(nn.Module):
   On whole sequences both attentions are layers.MultiHeadAttention; with `decode` they are
   StepAttention over the same params.
   """
-  mlp_dim: int
-  num_heads: int
+  stack: layers.StackOptions
   max_len: int
-  dropout: float = 0.0
-  attention_impl: str = 'xla'
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x_blw: Array, context_bnw: Array | None, context_mask_bn: Array | None, *,
                deterministic: bool = True, decode: bool = False,
                index: Array | None = None) -> Array:
-    kw = dict(num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype)
-    ln = lambda name: layers.layer_norm(self.dtype, self.param_dtype, name)
-    drop = lambda y: nn.Dropout(self.dropout)(y, deterministic)
+    stack = self.stack
+    ln = lambda name: layers.layer_norm(stack.dtype, stack.param_dtype, name)
+    drop = lambda y: nn.Dropout(stack.dropout)(y, deterministic)
     x_blw = layers.constrain(x_blw, ('batch', 'length', 'embed'))
 
     y = ln('ln_self')(x_blw)
     if decode:
-      y = StepAttention(max_len=self.max_len, **kw, name='self_attn')(y, index)
+      y = StepAttention(stack, max_len=self.max_len, name='self_attn')(y, index)
     else:
-      y = layers.MultiHeadAttention(causal=True, attention_impl=self.attention_impl, **kw,
-                                    name='self_attn')(y)
+      y = layers.MultiHeadAttention(stack, causal=True, name='self_attn')(y)
     x_blw = x_blw + drop(y)
 
     y = ln('ln_cross')(x_blw)
     if decode:
-      y = StepAttention(cross=True, **kw, name='cross_attn')(y, index, context_bnw,
-                                                             context_mask_bn)
+      y = StepAttention(stack, cross=True, name='cross_attn')(y, index, context_bnw,
+                                                              context_mask_bn)
     else:
       mask = None if context_mask_bn is None else context_mask_bn[:, None, None, :]
-      y = layers.MultiHeadAttention(attention_impl=self.attention_impl, **kw, name='cross_attn')(
-          y, context_bnw, mask=mask)
+      y = layers.MultiHeadAttention(stack, name='cross_attn')(y, context_bnw, mask=mask)
     x_blw = x_blw + drop(y)
 
     y = ln('ln_mlp')(x_blw)
-    y = layers.MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype, name='mlp')(
-        y, deterministic)
+    y = layers.MlpBlock(stack, name='mlp')(y, deterministic)
     x_blw = x_blw + drop(y)
     return layers.constrain(x_blw, ('batch', 'length', 'embed'))
 
@@ -191,23 +164,18 @@ class TextDecoder(nn.Module):
   (ln_self, self_attn, ln_cross, cross_attn, ln_mlp, mlp), decoder_norm, logits [W, vocab].
   """
   vocab_size: int
-  width: int
-  depth: int
-  mlp_dim: int
-  num_heads: int
   max_len: int
-  dropout: float = 0.0
-  attention_impl: str = 'xla'
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  stack: layers.StackOptions
 
   def __post_init__(self):
-    if self.width % self.num_heads:
-      raise ValueError(f'width {self.width} is not divisible by num_heads {self.num_heads}')
-    if self.vocab_size < 2 or self.max_len < 1 or self.depth < 0:
-      raise ValueError(f'TextDecoder needs vocab_size >= 2, max_len >= 1 and depth >= 0; got '
-                       f'{self.vocab_size}, {self.max_len}, {self.depth}')
+    if self.vocab_size < 2 or self.max_len < 1:
+      raise ValueError(f'TextDecoder needs vocab_size >= 2 and max_len >= 1; got '
+                       f'{self.vocab_size}, {self.max_len}')
     super().__post_init__()
+
+  @property
+  def width(self) -> int:
+    return self.stack.width
 
   @nn.compact
   def __call__(self, inputs_bl: Array, context_bnw: Array | None,
@@ -218,12 +186,13 @@ class TextDecoder(nn.Module):
       raise ValueError(f'decode=True runs one token per step; got inputs of length {length}')
     if length > self.max_len:
       raise ValueError(f'inputs of length {length} > the decoder max_len {self.max_len}')
+    stack = self.stack
     x_blw = nn.Embed(
-        self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+        self.vocab_size, stack.width, dtype=stack.dtype, param_dtype=stack.param_dtype,
         embedding_init=layers.named_init(nn.initializers.normal(stddev=0.02), ('vocab', 'embed')),
         name='token_embedding')(inputs_bl)
     pos_init = layers.named_init(nn.initializers.normal(stddev=0.02), ('length', 'embed'))
-    pos_lw = self.param('pos_embedding', pos_init, (self.max_len, self.width), self.param_dtype)
+    pos_lw = self.param('pos_embedding', pos_init, (self.max_len, stack.width), stack.param_dtype)
 
     index = None
     if decode:
@@ -234,14 +203,14 @@ class TextDecoder(nn.Module):
         cache_index.value = index + 1
         context_bnw = None   # the blocks read its keys and values from the cache
       pos_lw = jax.lax.dynamic_slice_in_dim(pos_lw, index, 1)
-    x_blw = x_blw + pos_lw[:length].astype(self.dtype)[None]
+    x_blw = x_blw + pos_lw[:length].astype(stack.dtype)[None]
     x_blw = layers.constrain(x_blw, ('batch', 'length', 'embed'))
-    x_blw = nn.Dropout(self.dropout)(x_blw, not train)
+    x_blw = nn.Dropout(stack.dropout)(x_blw, not train)
 
     if context_bnw is not None:
       # Input dim unnamed: it is another tower's width, and 'embed' may appear only once.
       context_bnw = nn.Dense(
-          self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+          stack.width, dtype=stack.dtype, param_dtype=stack.param_dtype,
           kernel_init=layers.named_init(nn.initializers.lecun_normal(), (None, 'embed')),
           bias_init=layers.named_init(nn.initializers.zeros, ('embed',)), name='context_proj')(
               context_bnw)
@@ -251,16 +220,13 @@ class TextDecoder(nn.Module):
     if context_mask_bn is not None:
       context_mask_bn = context_mask_bn.astype(jnp.bool_)
 
-    for i in range(self.depth):
-      x_blw = DecoderBlock(
-          mlp_dim=self.mlp_dim, num_heads=self.num_heads, max_len=self.max_len,
-          dropout=self.dropout, attention_impl=self.attention_impl, dtype=self.dtype,
-          param_dtype=self.param_dtype, name=f'block_{i}')(
-              x_blw, context_bnw, context_mask_bn, deterministic=not train, decode=decode,
-              index=index)
-    x_blw = layers.layer_norm(self.dtype, self.param_dtype, 'decoder_norm')(x_blw)
+    for i in range(stack.depth):
+      x_blw = DecoderBlock(stack, max_len=self.max_len, name=f'block_{i}')(
+          x_blw, context_bnw, context_mask_bn, deterministic=not train, decode=decode,
+          index=index)
+    x_blw = layers.layer_norm(stack.dtype, stack.param_dtype, 'decoder_norm')(x_blw)
     logits_blv = nn.Dense(
-        self.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype,
+        self.vocab_size, dtype=stack.dtype, param_dtype=stack.param_dtype,
         kernel_init=layers.named_init(nn.initializers.xavier_uniform(), ('embed', 'vocab')),
         bias_init=layers.named_init(nn.initializers.zeros, ('vocab',)), name='logits')(x_blw)
     return layers.constrain(logits_blv.astype(jnp.float32), ('batch', 'length', 'vocab'))

@@ -13,6 +13,11 @@ Strategies (`Fusion.strategy`):
 Every token stream gets a learned summary token ('cls') in front; the fused summaries are its
 outputs. Padding is masked everywhere: padded keys get exactly zero attention, and padded token
 values are zeroed on the way in, so no output (padded positions included) depends on them.
+
+`config.model.fusion = dict(strategy=..., ...)` takes that strategy's keys only (`OPTIONS`);
+`build` makes the module from it, `Classifier` is the head every fused classification task uses.
+(One file of ~480 lines on purpose: the six strategies are methods of one module over one
+output contract, and read best side by side.)
 """
 from __future__ import annotations
 
@@ -34,6 +39,18 @@ TOKEN_STRATEGIES = ('cross_attention', 'co_attention', 'early', 'bottleneck')  #
 GATES = ('weights', 'gates')
 COMBINES = ('mean', 'learned')
 
+# Each strategy's config keys and their defaults; None = required (a modality name, which only
+# the experiment can know).
+_STACK = dict(width=96, depth=2, num_heads=4, mlp_dim=384, dropout=0.0)
+OPTIONS: dict[str, dict[str, Any]] = {
+    'cross_attention': dict(**_STACK, query=None, context=None, start_layer=0),
+    'co_attention': dict(_STACK),
+    'early': dict(_STACK),
+    'bottleneck': dict(**_STACK, start_layer=0, num_bottleneck=4),
+    'weighted_sum': dict(width=96, gate='weights'),
+    'late': dict(width=96, combine='learned'),    # how the per-modality logits are mixed
+}
+
 BLE = ('batch', 'length', 'embed')
 BE = ('batch', 'embed')
 
@@ -41,6 +58,52 @@ BE = ('batch', 'embed')
 def check_strategy(strategy: str) -> None:
   if strategy not in STRATEGIES:
     raise ValueError(f'unknown fusion strategy {strategy!r}; known strategies: {STRATEGIES}')
+
+
+def options(fusion_config: Mapping[str, Any]) -> dict[str, Any]:
+  """`config.model.fusion` with the strategy's defaults filled in ({} for no fusion). A key the
+  strategy does not take, or a required one left out, fails naming it."""
+  fusion_config = dict(fusion_config)
+  strategy = fusion_config.pop('strategy', '')
+  if not strategy:
+    if fusion_config:
+      raise ValueError(f'config.model.fusion has {sorted(fusion_config)} but no strategy; set '
+                       f'config.model.fusion.strategy to one of {STRATEGIES}.')
+    return {}
+  if strategy not in STRATEGIES:
+    raise ValueError(f'config.model.fusion.strategy = {strategy!r}: unknown; known strategies: '
+                     f'{STRATEGIES}.')
+  allowed = OPTIONS[strategy]
+  unknown = sorted(set(fusion_config) - set(allowed))
+  if unknown:
+    raise ValueError(f'config.model.fusion has {unknown}, which strategy {strategy!r} does not '
+                     f'take; it takes {sorted(allowed)}.')
+  merged = {**allowed, **fusion_config}
+  missing = sorted(k for k, v in merged.items() if v is None)
+  if missing:
+    raise ValueError(f'config.model.fusion: strategy {strategy!r} needs {missing} (modality '
+                     'names).')
+  return {'strategy': strategy, **merged}
+
+
+def build(fusion_config: Mapping[str, Any], stack_of) -> Fusion | None:
+  """The Fusion module for `config.model.fusion` (None without a strategy). `stack_of(options)`
+  turns the size keys into StackOptions with the model's compute settings (towers.BuildContext.
+  stack); the pooled-vector strategies have no blocks and only use its width and dtypes."""
+  opts = options(fusion_config)
+  if not opts:
+    return None
+  strategy = opts['strategy']
+  sizes = dict(depth=0, mlp_dim=opts['width'], num_heads=1)   # for strategies with no blocks
+  sizes.update({k: opts[k] for k in ('depth', 'mlp_dim', 'num_heads') if k in opts})
+  try:
+    return Fusion(strategy=strategy, stack=stack_of({**opts, **sizes}),
+                  query=opts.get('query', ''), context=opts.get('context', ''),
+                  start_layer=opts.get('start_layer', 0),
+                  num_bottleneck=opts.get('num_bottleneck', 1), gate=opts.get('gate', GATES[0]),
+                  combine=opts.get('combine', COMBINES[0]))
+  except ValueError as e:
+    raise ValueError(f'config.model.fusion: {e}') from e
 
 
 class FusionBlock(nn.Module):
@@ -53,24 +116,17 @@ class FusionBlock(nn.Module):
   Submodules: ln_self, self_attn, [ln_cross, ln_context, cross_attn], ln_mlp, mlp; so sown
   weights sit at '<block>/self_attn/attention_weights' and '<block>/cross_attn/...'.
   """
-  mlp_dim: int
-  num_heads: int
+  stack: layers.StackOptions
   cross: bool = False
-  dropout: float = 0.0
-  attention_impl: str = 'xla'
-  sow_weights: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x_bnw: Array, mask_bn: Array, context_bmw: Array | None = None,
                context_mask_bm: Array | None = None, deterministic: bool = True) -> Array:
-    norm = functools.partial(layers.layer_norm, self.dtype, self.param_dtype)
-    attention = functools.partial(
-        layers.MultiHeadAttention, num_heads=self.num_heads, attention_impl=self.attention_impl,
-        sow_weights=self.sow_weights, dtype=self.dtype, param_dtype=self.param_dtype)
+    stack = self.stack
+    norm = functools.partial(layers.layer_norm, stack.dtype, stack.param_dtype)
+    attention = functools.partial(layers.MultiHeadAttention, stack)
     residual = lambda x, y: layers.constrain(
-        x + nn.Dropout(self.dropout)(y, deterministic), BLE)
+        x + nn.Dropout(stack.dropout)(y, deterministic), BLE)
 
     x_bnw = layers.constrain(x_bnw, BLE)
     y = attention(name='self_attn')(norm('ln_self')(x_bnw), mask=mask_bn[:, None, None, :])
@@ -84,8 +140,7 @@ class FusionBlock(nn.Module):
                                        mask=context_mask_bm[:, None, None, :])
       x_bnw = residual(x_bnw, y)
 
-    y = layers.MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype, name='mlp')(
-        norm('ln_mlp')(x_bnw), deterministic)
+    y = layers.MlpBlock(stack, name='mlp')(norm('ln_mlp')(x_bnw), deterministic)
     return residual(x_bnw, y)
 
 
@@ -138,51 +193,34 @@ class Fusion(nn.Module):
   Padded positions of the token outputs hold values that depend on the params and the real
   tokens only (padded inputs are zeroed first); read them through the mask.
 
-  sow_weights records every fusion attention's weights [B, heads, Lq, Lk] into
+  stack.sow_weights records every fusion attention's weights [B, heads, Lq, Lk] into
   'intermediates/<block>/{self_attn,cross_attn}/attention_weights' (and weighted_sum's
   per-modality weights into 'intermediates/modality_weights'). The fused kernels never
-  materialise attention weights, so sow_weights runs every fusion attention with the
-  'explicit' implementation whatever `attention_impl` says, as model.build does.
+  materialise attention weights, so it needs stack.attention_impl='explicit', which
+  towers.BuildContext.stack (what model.build uses) picks whenever attention is sown.
 
   Param names: in_{m}; cls (single-stream) or {m}_cls; layer_{i} (single-stream) or
   {m}_layer_{i}; norm or {m}_norm; type_embedding [M, width] (early); bottleneck [n, width] and
   bottleneck_norm (bottleneck); modality_logits [M] or gate (weighted_sum).
+
+  `stack` holds the sizes (width, depth, num_heads, mlp_dim) and compute settings; `combine`
+  is late fusion's, read by the Classifier of each head (see `classifier`).
   """
   strategy: str
-  width: int
-  depth: int = 2
-  num_heads: int = 4
-  mlp_dim: int = 384
-  query: str = 'text'
-  context: str = 'image'
+  stack: layers.StackOptions
+  query: str = ''
+  context: str = ''
   start_layer: int = 0
   num_bottleneck: int = 4
   gate: str = 'weights'
-  dropout: float = 0.0
-  attention_impl: str = 'xla'
-  sow_weights: bool = False
-  remat: str = 'none'
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  combine: str = 'learned'
 
   def __post_init__(self):
     check_strategy(self.strategy)
-    if self.attention_impl not in layers.ATTENTION_IMPLS:
-      raise ValueError(f'attention_impl={self.attention_impl!r}; expected one of '
-                       f'{layers.ATTENTION_IMPLS}')
-    layers.remat_policy(self.remat)   # validates the name
-    if self.width <= 0:
-      raise ValueError(f'fusion width must be positive; got {self.width}')
-    if self.strategy in TOKEN_STRATEGIES:
-      if self.depth < 0:
-        raise ValueError(f'fusion depth must be >= 0; got {self.depth}')
-      if self.width % self.num_heads:
-        raise ValueError(f'fusion width {self.width} is not divisible by num_heads '
-                         f'{self.num_heads}')
-    if self.strategy in ('cross_attention', 'bottleneck') and not (
-        0 <= self.start_layer <= self.depth):
+    depth = self.stack.depth
+    if self.strategy in ('cross_attention', 'bottleneck') and not 0 <= self.start_layer <= depth:
       raise ValueError(f'fusion strategy {self.strategy} has start_layer={self.start_layer}, '
-                       f'outside [0, depth={self.depth}]')
+                       f'outside [0, depth={depth}]')
     if self.strategy == 'cross_attention' and self.query == self.context:
       raise ValueError(f'fusion strategy cross_attention needs two different modalities for '
                        f'query and context; both are {self.query!r}')
@@ -191,7 +229,13 @@ class Fusion(nn.Module):
                        f'{self.num_bottleneck}')
     if self.strategy == 'weighted_sum' and self.gate not in GATES:
       raise ValueError(f'fusion gate={self.gate!r}; expected one of {GATES}')
+    if self.combine not in COMBINES:
+      raise ValueError(f'fusion combine={self.combine!r}; expected one of {COMBINES}')
     super().__post_init__()
+
+  @property
+  def width(self) -> int:
+    return self.stack.width
 
   @nn.compact
   def __call__(self, tokens: Mapping[str, Array], masks: Mapping[str, Array],
@@ -228,7 +272,7 @@ class Fusion(nn.Module):
   def _in_proj(self, m: str) -> nn.Dense:
     # The input dim is the tower's width, which need not match the fused one: left unnamed.
     return nn.Dense(
-        self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+        self.width, dtype=self.stack.dtype, param_dtype=self.stack.param_dtype,
         kernel_init=layers.named_init(nn.initializers.lecun_normal(), (None, 'embed')),
         bias_init=layers.named_init(nn.initializers.zeros, ('embed',)), name=f'in_{m}')
 
@@ -252,28 +296,18 @@ class Fusion(nn.Module):
 
   # -- building blocks ------------------------------------------------------------------------
 
-  @property
-  def _impl(self) -> str:
-    return 'explicit' if self.sow_weights else self.attention_impl
-
   def _block(self, name: str, cross: bool = False) -> FusionBlock:
-    block_cls = FusionBlock
-    if self.remat != 'none':
-      # argnum 0 is the module, so 5 is `deterministic` (a Python bool: must be static).
-      block_cls = nn.remat(FusionBlock, policy=layers.remat_policy(self.remat),
-                           static_argnums=(5,))
-    return block_cls(
-        mlp_dim=self.mlp_dim, num_heads=self.num_heads, cross=cross, dropout=self.dropout,
-        attention_impl=self._impl, sow_weights=self.sow_weights, dtype=self.dtype,
-        param_dtype=self.param_dtype, name=name)
+    # argnum 0 is the module, so 5 is `deterministic` (a Python bool: must be static).
+    block_cls = layers.remat_module(FusionBlock, self.stack, 5)
+    return block_cls(self.stack, cross=cross, name=name)
 
   def _norm(self, name: str) -> nn.LayerNorm:
-    return layers.layer_norm(self.dtype, self.param_dtype, name)
+    return layers.layer_norm(self.stack.dtype, self.stack.param_dtype, name)
 
   def _prepend_cls(self, name: str, x_bnw: Array, mask_bn: Array) -> tuple[Array, Array]:
     cls_11w = self.param(name, layers.named_init(nn.initializers.zeros, (None, None, 'embed')),
-                         (1, 1, self.width), self.param_dtype)
-    cls_b1w = jnp.tile(cls_11w.astype(self.dtype), (x_bnw.shape[0], 1, 1))
+                         (1, 1, self.width), self.stack.param_dtype)
+    cls_b1w = jnp.tile(cls_11w.astype(self.stack.dtype), (x_bnw.shape[0], 1, 1))
     x_bnw = layers.constrain(jnp.concatenate([cls_b1w, x_bnw], axis=1), BLE)
     return x_bnw, _with_true(mask_bn, 1, front=True)
 
@@ -282,7 +316,7 @@ class Fusion(nn.Module):
   def _cross_attention(self, names, x, mask, deterministic: bool) -> dict[str, Any]:
     q, c = self.query, self.context
     x_bnw, mask_bn = self._prepend_cls('cls', x[q], mask[q])
-    for i in range(self.depth):
+    for i in range(self.stack.depth):
       cross = i >= self.start_layer
       x_bnw = self._block(f'layer_{i}', cross)(
           x_bnw, mask_bn, x[c] if cross else None, mask[c] if cross else None, deterministic)
@@ -296,7 +330,7 @@ class Fusion(nn.Module):
     for m in names:
       xs[m], masks[m] = self._prepend_cls(f'{m}_cls', x[m], mask[m])
     a, b = names
-    for i in range(self.depth):
+    for i in range(self.stack.depth):
       # Both directions read the states from before this layer (dict built from the old xs).
       xs = {m: self._block(f'{m}_layer_{i}', cross=True)(xs[m], masks[m], xs[o], masks[o],
                                                          deterministic)
@@ -306,11 +340,11 @@ class Fusion(nn.Module):
   def _early(self, names, x, mask, deterministic: bool) -> dict[str, Any]:
     type_mw = self.param(
         'type_embedding', layers.named_init(nn.initializers.normal(stddev=0.02), (None, 'embed')),
-        (len(names), self.width), self.param_dtype).astype(self.dtype)
+        (len(names), self.width), self.stack.param_dtype).astype(self.stack.dtype)
     x_bnw = jnp.concatenate([x[m] + type_mw[j] for j, m in enumerate(names)], axis=1)
     mask_bn = jnp.concatenate([mask[m] for m in names], axis=1)
     x_bnw, mask_bn = self._prepend_cls('cls', x_bnw, mask_bn)
-    for i in range(self.depth):
+    for i in range(self.stack.depth):
       x_bnw = self._block(f'layer_{i}')(x_bnw, mask_bn, None, None, deterministic)
     x_bnw = layers.constrain(self._norm('norm')(x_bnw), BLE)
 
@@ -332,10 +366,10 @@ class Fusion(nn.Module):
     # equal would stay equal (same inputs, same attention) and act as one.
     z_nw = self.param(
         'bottleneck', layers.named_init(nn.initializers.normal(stddev=0.02), (None, 'embed')),
-        (self.num_bottleneck, self.width), self.param_dtype)
+        (self.num_bottleneck, self.width), self.stack.param_dtype)
     batch = next(iter(xs.values())).shape[0]
-    z_bnw = jnp.tile(z_nw.astype(self.dtype)[None], (batch, 1, 1))
-    for i in range(self.depth):
+    z_bnw = jnp.tile(z_nw.astype(self.stack.dtype)[None], (batch, 1, 1))
+    for i in range(self.stack.depth):
       if i < self.start_layer:
         xs = {m: self._block(f'{m}_layer_{i}')(xs[m], masks[m], None, None, deterministic)
               for m in names}
@@ -374,7 +408,7 @@ class Fusion(nn.Module):
     if self.gate == 'weights':
       # Zero init: the fusion starts as the plain mean of the projections.
       logits_m = self.param('modality_logits', layers.named_init(nn.initializers.zeros, (None,)),
-                            (len(names),), self.param_dtype)
+                            (len(names),), self.stack.param_dtype)
       w_bm = jnp.broadcast_to(jax.nn.softmax(logits_m.astype(jnp.float32)),
                               (p_mbw.shape[1], len(names)))
     else:
@@ -382,24 +416,30 @@ class Fusion(nn.Module):
       # switched on or off on its own, e.g. when one of them carries no information.
       gate_in = jnp.concatenate([p[m] for m in names], axis=-1)
       w_bm = jax.nn.sigmoid(nn.Dense(
-          len(names), dtype=self.dtype, param_dtype=self.param_dtype,
+          len(names), dtype=self.stack.dtype, param_dtype=self.stack.param_dtype,
           kernel_init=layers.named_init(nn.initializers.lecun_normal(), ('embed', None)),
           bias_init=layers.named_init(nn.initializers.zeros, (None,)), name='gate')(
               gate_in).astype(jnp.float32))
-    if self.sow_weights:
+    if self.stack.sow_weights:
       self.sow('intermediates', 'modality_weights', w_bm)
-    fused_bw = jnp.einsum('bm,mbw->bw', w_bm, p_mbw.astype(jnp.float32)).astype(self.dtype)
+    fused_bw = jnp.einsum('bm,mbw->bw', w_bm, p_mbw.astype(jnp.float32)).astype(self.stack.dtype)
     return dict(pooled=layers.constrain(fused_bw, BE), pooled_by_modality=p,
                 tokens_by_modality={}, tokens=None, mask=None)
 
 
-class FusionHead(nn.Module):
+def classifier(fusion: Fusion, num_classes: int) -> 'Classifier':
+  """An (unbound) Classifier over `fusion`'s outputs: what the fused heads classify with."""
+  return Classifier(num_classes, strategy=fusion.strategy, combine=fusion.combine,
+                    dtype=fusion.stack.dtype, param_dtype=fusion.stack.param_dtype)
+
+
+class Classifier(nn.Module):
   """Classification head over a Fusion output -> logits [B, num_classes] float32.
 
   Every strategy but 'late': Dense 'head' on 'pooled'. 'late': a Dense 'head_{m}' per modality
   on 'pooled_by_modality', whose logits are combined: combine='mean' averages them, 'learned'
   weights them by softmax(learned per-modality scalars 'combine_logits', zero init = mean).
-  The Dense kernels start at zero (as model.py's classification head), so a fresh head
+  The Dense kernels start at zero (as heads.ClassificationHead's), so a fresh head
   predicts uniformly.
   """
   num_classes: int

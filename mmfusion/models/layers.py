@@ -1,16 +1,17 @@
-"""Pre-LN transformer pieces shared by every tower: attention (self and cross), MLP, block, encoder.
+"""Pre-LN transformer pieces shared by every tower, fusion module and decoder: the options of a
+stack (`StackOptions`, with the size presets), attention (self and cross), MLP, block, encoder.
 Every param and main activation carries logical axis names; the config's rules map them to a mesh.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
@@ -30,6 +31,82 @@ REMAT_POLICIES = ('none', 'full', 'save_dots', 'named')
 CHECKPOINT_NAMES = ('qkv', 'attention', 'attn_out', 'mlp_hidden', 'mlp_out')
 
 _default_kernel_init = nn.initializers.xavier_uniform()
+
+# Size presets by name -> (width, depth, mlp_dim, num_heads), as in "An Image is Worth 16x16
+# Words" and big_vision. A tower's `variant` names one, optionally with '/<patch size>'.
+SIZES: dict[str, tuple[int, int, int, int]] = {
+    'mu': (32, 1, 128, 2),
+    'Ti': (192, 12, 768, 3),
+    'S': (384, 12, 1536, 6),
+    'M': (512, 12, 2048, 8),
+    'B': (768, 12, 3072, 12),
+    'L': (1024, 24, 4096, 16),
+    'H': (1280, 32, 5120, 16),
+}
+
+
+def decode_variant(variant: str) -> dict[str, int]:
+  """'B/16' -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16).
+
+  '' -> {} (sizes come from the explicit fields). The patch size is present only when the
+  variant has a '/P' suffix. The returned values override explicit size fields.
+  """
+  if not variant:
+    return {}
+  match = re.fullmatch(r'([A-Za-z]+)(?:/(\d+))?', variant)
+  if match is None or match.group(1) not in SIZES:
+    raise ValueError(f'unknown model variant {variant!r}; known sizes: {sorted(SIZES)}, '
+                     "optionally followed by '/<patch size>' (e.g. 'B/16')")
+  width, depth, mlp_dim, num_heads = SIZES[match.group(1)]
+  sizes = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads)
+  if match.group(2) is not None:
+    sizes['patch_size'] = int(match.group(2))
+  return sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class StackOptions:
+  """What every transformer stack shares: its sizes and how it computes.
+
+  One instance configures a whole tower, fusion module or decoder and is handed down to its
+  blocks, attentions and MLPs, so no module repeats these fields. `attention_impl`, `remat` and
+  `scan_layers` change speed and memory, never the maths; `sow_weights` records attention
+  weights (needs attention_impl='explicit').
+  """
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  dropout: float = 0.0
+  attention_impl: str = 'xla'
+  sow_weights: bool = False
+  remat: str = 'none'
+  remat_save: tuple[str, ...] = ()
+  scan_layers: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def __post_init__(self):
+    if self.width <= 0 or self.depth < 0 or self.mlp_dim <= 0 or self.num_heads <= 0:
+      raise ValueError(f'width={self.width}, depth={self.depth}, mlp_dim={self.mlp_dim} and '
+                       f'num_heads={self.num_heads} must be positive (depth may be 0)')
+    if self.width % self.num_heads:
+      raise ValueError(f'width {self.width} is not divisible by num_heads {self.num_heads}')
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f'attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}')
+    if self.sow_weights and self.attention_impl != 'explicit':
+      raise ValueError("sow_weights needs attention_impl='explicit' (the fused kernels never "
+                       f'materialise the weights); got attention_impl={self.attention_impl!r}')
+    remat_policy(self.remat, self.remat_save)   # validates both
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f'dropout={self.dropout} must be in [0, 1)')
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.num_heads
+
+  def replace(self, **changes: Any) -> 'StackOptions':
+    return dataclasses.replace(self, **changes)
 
 
 def resolve_attention_impl(name: str, dtype: Dtype, head_dim: int) -> str:
@@ -87,6 +164,26 @@ def _as_4d(mask: Array) -> Array:
   if mask.ndim > 4:
     raise ValueError(f'attention mask must broadcast to [B, heads, Lq, Lk]; got shape {mask.shape}')
   return mask.astype(jnp.bool_).reshape((1,) * (4 - mask.ndim) + mask.shape)
+
+
+def explicit_attention(q_bqhd: Array, k_bkhd: Array, v_bkhd: Array,
+                       mask: Array | None) -> tuple[Array, Array]:
+  """softmax(q k^T / sqrt(d)) v computed in plain jnp, at least in float32: (output [B,Lq,H,D],
+  weights [B,H,Lq,Lk]). `mask` (bool, broadcastable to [B,H,Lq,Lk], True = may attend): masked
+  weights are exactly 0, and a row with no key to attend to gives zeros, never NaN."""
+  scale = q_bqhd.shape[-1] ** -0.5
+  acc_dtype = jnp.promote_types(q_bqhd.dtype, jnp.float32)
+  logits_bhqk = jnp.einsum('bqhd,bkhd->bhqk', q_bqhd, k_bkhd,
+                           preferred_element_type=acc_dtype) * scale
+  if mask is None:
+    weights_bhqk = jax.nn.softmax(logits_bhqk, axis=-1)
+  else:
+    logits_bhqk = jnp.where(mask, logits_bhqk, jnp.finfo(acc_dtype).min)
+    # `where` after the softmax makes masked weights exactly 0, and turns the uniform
+    # weights of a fully-masked row into zeros (never NaN: the row max is finite).
+    weights_bhqk = jnp.where(mask, jax.nn.softmax(logits_bhqk, axis=-1), 0.0)
+  out_bqhd = jnp.einsum('bhqk,bkhd->bqhd', weights_bhqk.astype(v_bkhd.dtype), v_bkhd)
+  return out_bqhd, weights_bhqk
 
 
 class HeadsDense(nn.Module):
@@ -147,38 +244,27 @@ class MultiHeadAttention(nn.Module):
   row that may attend to no key, the attention output (before the 'out' projection) is exactly
   zero in every implementation, never NaN, so padded queries are harmless.
 
-  attention_impl: 'xla' / 'cudnn' run `jax.nn.dot_product_attention` (cudnn = flash attention on
-    GPU; it supports a subset of shapes and dtypes). 'explicit' computes softmax(q k^T / sqrt(d))
-    itself and can `sow` the weights [B, heads, Lq, Lk] into 'intermediates/attention_weights'
-    when `sow_weights` is on, for visualisation.
+  stack.attention_impl: 'xla' / 'cudnn' run `jax.nn.dot_product_attention` (cudnn = flash
+    attention on GPU; it supports a subset of shapes and dtypes). 'explicit' computes
+    softmax(q k^T / sqrt(d)) itself (`explicit_attention`) and can `sow` the weights
+    [B, heads, Lq, Lk] into 'intermediates/attention_weights' when `stack.sow_weights` is on.
+  The width is the input's; the number of heads is `stack.num_heads`.
   """
-  num_heads: int
+  stack: StackOptions
   causal: bool = False
-  attention_impl: str = 'xla'
-  sow_weights: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  def __post_init__(self):
-    if self.attention_impl not in ATTENTION_IMPLS:
-      raise ValueError(f'attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}')
-    if self.sow_weights and self.attention_impl != 'explicit':
-      raise ValueError("sow_weights needs attention_impl='explicit' (the fused kernels never "
-                       f'materialise the weights); got attention_impl={self.attention_impl!r}')
-    super().__post_init__()
 
   @nn.compact
   def __call__(self, x_q: Array, x_kv: Array | None = None, mask: Array | None = None) -> Array:
     x_kv = x_q if x_kv is None else x_kv
-    width = x_q.shape[-1]
-    if width % self.num_heads:
-      raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
-    head_dim = width // self.num_heads
+    width, num_heads = x_q.shape[-1], self.stack.num_heads
+    if width % num_heads:
+      raise ValueError(f'width {width} is not divisible by num_heads {num_heads}')
+    head_dim = width // num_heads
+    dtypes = dict(dtype=self.stack.dtype, param_dtype=self.stack.param_dtype)
 
     project_in = functools.partial(
-        HeadsDense, kernel_shape=(width, self.num_heads, head_dim),
-        kernel_axes=('embed', 'heads', 'kv'), in_dims=1,
-        dtype=self.dtype, param_dtype=self.param_dtype)
+        HeadsDense, kernel_shape=(width, num_heads, head_dim),
+        kernel_axes=('embed', 'heads', 'kv'), in_dims=1, **dtypes)
     bqhd = ('batch', 'length', 'heads', 'kv')
     # No key bias: it adds q.b_k to every logit of a query alike, which softmax ignores, so
     # its gradient is zero up to round-off (and Adam would turn that round-off into updates).
@@ -197,12 +283,15 @@ class MultiHeadAttention(nn.Module):
     v_bkhd = checkpoint_name(constrain(v_bkhd, bqhd), 'qkv')
 
     mask = None if mask is None else _as_4d(mask)
-    if self.attention_impl == 'explicit':
-      out_bqhd = self._explicit_attention(q_bqhd, k_bkhd, v_bkhd, mask)
+    if self.stack.attention_impl == 'explicit':
+      full_mask = self._full_mask(mask, q_bqhd.shape[1], k_bkhd.shape[1])
+      out_bqhd, weights_bhqk = explicit_attention(q_bqhd, k_bkhd, v_bkhd, full_mask)
+      if self.stack.sow_weights:
+        self.sow('intermediates', 'attention_weights', weights_bhqk)
     else:
       out_bqhd = jax.nn.dot_product_attention(
           q_bqhd, k_bkhd, v_bkhd, mask=mask, is_causal=self.causal,
-          implementation=self.attention_impl)
+          implementation=self.stack.attention_impl)
       if mask is not None:
         # The fused kernels give a fully-masked row the mean of all values; zero it to match
         # 'explicit'. (Without a mask every row sees at least one key, causal or not.)
@@ -212,8 +301,8 @@ class MultiHeadAttention(nn.Module):
     out_bqhd = checkpoint_name(constrain(out_bqhd, bqhd), 'attention')
 
     out = HeadsDense(
-        kernel_shape=(self.num_heads, head_dim, width), kernel_axes=('heads', 'kv', 'embed'),
-        in_dims=2, dtype=self.dtype, param_dtype=self.param_dtype, name='out')(out_bqhd)
+        kernel_shape=(num_heads, head_dim, width), kernel_axes=('heads', 'kv', 'embed'),
+        in_dims=2, **dtypes, name='out')(out_bqhd)
     return checkpoint_name(constrain(out, ('batch', 'length', 'embed')), 'attn_out')
 
   def _full_mask(self, mask: Array | None, len_q: int, len_k: int) -> Array | None:
@@ -223,43 +312,24 @@ class MultiHeadAttention(nn.Module):
     causal_11qk = jnp.tril(jnp.ones((len_q, len_k), jnp.bool_))[None, None]
     return causal_11qk if mask is None else mask & causal_11qk
 
-  def _explicit_attention(self, q_bqhd: Array, k_bkhd: Array, v_bkhd: Array,
-                          mask: Array | None) -> Array:
-    scale = q_bqhd.shape[-1] ** -0.5
-    logits_bhqk = jnp.einsum('bqhd,bkhd->bhqk', q_bqhd, k_bkhd,
-                             preferred_element_type=jnp.float32) * scale
-    mask = self._full_mask(mask, q_bqhd.shape[1], k_bkhd.shape[1])
-    if mask is None:
-      weights_bhqk = jax.nn.softmax(logits_bhqk, axis=-1)
-    else:
-      logits_bhqk = jnp.where(mask, logits_bhqk, jnp.finfo(jnp.float32).min)
-      # `where` after the softmax makes masked weights exactly 0, and turns the uniform
-      # weights of a fully-masked row into zeros (never NaN: the row max is finite).
-      weights_bhqk = jnp.where(mask, jax.nn.softmax(logits_bhqk, axis=-1), 0.0)
-    if self.sow_weights:
-      self.sow('intermediates', 'attention_weights', weights_bhqk)
-    return jnp.einsum('bhqk,bkhd->bqhd', weights_bhqk.astype(v_bkhd.dtype), v_bkhd)
-
 
 class MlpBlock(nn.Module):
-  """Dense -> GELU -> dropout -> Dense, back to the input width."""
-  mlp_dim: int
-  dropout: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  """Dense -> GELU -> dropout -> Dense, back to the input width (hidden: `stack.mlp_dim`)."""
+  stack: StackOptions
 
   @nn.compact
   def __call__(self, x_ble: Array, deterministic: bool = True) -> Array:
     width = x_ble.shape[-1]
+    dtypes = dict(dtype=self.stack.dtype, param_dtype=self.stack.param_dtype)
     h_blm = nn.Dense(
-        self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+        self.stack.mlp_dim, **dtypes,
         kernel_init=named_init(_default_kernel_init, ('embed', 'mlp')),
         bias_init=named_init(nn.initializers.normal(stddev=1e-6), ('mlp',)), name='fc1')(x_ble)
     h_blm = checkpoint_name(h_blm, 'mlp_hidden')
     h_blm = constrain(nn.gelu(h_blm), ('batch', 'length', 'mlp'))
-    h_blm = nn.Dropout(self.dropout)(h_blm, deterministic)
+    h_blm = nn.Dropout(self.stack.dropout)(h_blm, deterministic)
     out = nn.Dense(
-        width, dtype=self.dtype, param_dtype=self.param_dtype,
+        width, **dtypes,
         kernel_init=named_init(_default_kernel_init, ('mlp', 'embed')),
         bias_init=named_init(nn.initializers.normal(stddev=1e-6), ('embed',)), name='fc2')(h_blm)
     return checkpoint_name(constrain(out, ('batch', 'length', 'embed')), 'mlp_out')
@@ -272,30 +342,21 @@ class EncoderBlock(nn.Module):
   (x is the carry, mask and deterministic are broadcast), so scanning changes only the
   param layout (a leading 'layers' axis), not the maths.
   """
-  mlp_dim: int
-  num_heads: int
-  dropout: float = 0.0
+  stack: StackOptions
   causal: bool = False
-  attention_impl: str = 'xla'
-  sow_weights: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x_ble: Array, mask: Array | None = None,
                deterministic: bool = True) -> Array:
+    stack = self.stack
     x_ble = constrain(x_ble, ('batch', 'length', 'embed'))
-    y = layer_norm(self.dtype, self.param_dtype, 'ln_attn')(x_ble)
-    y = MultiHeadAttention(
-        num_heads=self.num_heads, causal=self.causal, attention_impl=self.attention_impl,
-        sow_weights=self.sow_weights, dtype=self.dtype, param_dtype=self.param_dtype,
-        name='attn')(y, mask=mask)
-    x_ble = x_ble + nn.Dropout(self.dropout)(y, deterministic)
+    y = layer_norm(stack.dtype, stack.param_dtype, 'ln_attn')(x_ble)
+    y = MultiHeadAttention(stack, causal=self.causal, name='attn')(y, mask=mask)
+    x_ble = x_ble + nn.Dropout(stack.dropout)(y, deterministic)
 
-    y = layer_norm(self.dtype, self.param_dtype, 'ln_mlp')(x_ble)
-    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.param_dtype, name='mlp')(
-        y, deterministic)
-    x_ble = x_ble + nn.Dropout(self.dropout)(y, deterministic)
+    y = layer_norm(stack.dtype, stack.param_dtype, 'ln_mlp')(x_ble)
+    y = MlpBlock(stack, name='mlp')(y, deterministic)
+    x_ble = x_ble + nn.Dropout(stack.dropout)(y, deterministic)
     return constrain(x_ble, ('batch', 'length', 'embed'))
 
 
@@ -309,134 +370,47 @@ class _ScanStep(EncoderBlock):
 SCANNED_BLOCKS = 'blocks'   # Encoder's param name for the stacked blocks when scan_layers
 
 
+def remat_module(module_cls: type[nn.Module], stack: StackOptions, deterministic_argnum: int,
+                 prevent_cse: bool = True) -> type[nn.Module]:
+  """`module_cls` wrapped for `stack.remat` (unchanged for 'none'); `deterministic_argnum`
+  counts the module itself as 0 and names the Python-bool argument, which must be static."""
+  if stack.remat == 'none':
+    return module_cls
+  return nn.remat(module_cls, policy=remat_policy(stack.remat, stack.remat_save),
+                  static_argnums=(deterministic_argnum,), prevent_cse=prevent_cse)
+
+
 class Encoder(nn.Module):
-  """`depth` EncoderBlocks and a final LayerNorm ('encoder_norm').
+  """`stack.depth` EncoderBlocks and a final LayerNorm ('encoder_norm').
 
-  Param layouts: unrolled, the blocks are 'block_0' ... 'block_{depth-1}'; with `scan_layers`
-  they are one 'blocks' sub-tree whose leaves have a leading [depth] axis (logical name
-  'layers'), and the stack is an `nn.scan`, so the step compiles one block however deep the
-  tower is. Both give the same outputs; `scan_layout` / `unscan_layout` convert params.
+  Param layouts: unrolled, the blocks are 'block_0' ... 'block_{depth-1}'; with
+  `stack.scan_layers` they are one 'blocks' sub-tree whose leaves have a leading [depth] axis
+  (logical name 'layers'), and the stack is an `nn.scan`, so the step compiles one block however
+  deep the tower is. Both give the same outputs; `scan_layout` / `unscan_layout` convert params.
 
-  remat: see `remat_policy` ('none' | 'full' | 'save_dots' | 'named' with `remat_save`).
+  stack.remat: see `remat_policy` ('none' | 'full' | 'save_dots' | 'named' with `remat_save`).
   Recomputing in the backward pass changes memory and speed, never params or outputs.
   """
-  depth: int
-  mlp_dim: int
-  num_heads: int
-  dropout: float = 0.0
+  stack: StackOptions
   causal: bool = False
-  attention_impl: str = 'xla'
-  sow_weights: bool = False
-  remat: str = 'none'
-  remat_save: tuple[str, ...] = ()
-  scan_layers: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  def __post_init__(self):
-    remat_policy(self.remat, self.remat_save)   # validates both
-    if self.depth < 0:
-      raise ValueError(f'depth must be >= 0; got {self.depth}')
-    super().__post_init__()
 
   @nn.compact
   def __call__(self, x_ble: Array, mask: Array | None = None,
                deterministic: bool = True) -> Array:
-    block_kw = dict(
-        mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout, causal=self.causal,
-        attention_impl=self.attention_impl, sow_weights=self.sow_weights, dtype=self.dtype,
-        param_dtype=self.param_dtype)
-    block_cls = _ScanStep if self.scan_layers else EncoderBlock
-    if self.remat != 'none':
-      # argnum 0 is the module itself, so 3 is `deterministic` (a Python bool: must be static).
-      # Under scan, XLA cannot merge the recomputation into the forward pass anyway, so the
-      # CSE barrier that remat adds by default is only needed unrolled.
-      block_cls = nn.remat(block_cls, policy=remat_policy(self.remat, self.remat_save),
-                           static_argnums=(3,), prevent_cse=not self.scan_layers)
-    if self.scan_layers and self.depth:
-      stack = nn.scan(
-          block_cls, length=self.depth,
+    stack = self.stack
+    block_cls = _ScanStep if stack.scan_layers else EncoderBlock
+    # Under scan, XLA cannot merge the recomputation into the forward pass anyway, so the CSE
+    # barrier that remat adds by default is only needed unrolled.
+    block_cls = remat_module(block_cls, stack, 3, prevent_cse=not stack.scan_layers)
+    if stack.scan_layers and stack.depth:
+      scanned = nn.scan(
+          block_cls, length=stack.depth,
           variable_axes={'params': 0, 'intermediates': 0},
           split_rngs={'params': True, 'dropout': True},
           in_axes=(nn.broadcast, nn.broadcast),
           metadata_params={nn.PARTITION_NAME: 'layers'})
-      x_ble, _ = stack(**block_kw, name=SCANNED_BLOCKS)(x_ble, mask, deterministic)
+      x_ble, _ = scanned(stack, self.causal, name=SCANNED_BLOCKS)(x_ble, mask, deterministic)
     else:
-      for i in range(self.depth):
-        x_ble = block_cls(**block_kw, name=f'block_{i}')(x_ble, mask, deterministic)
-    return layer_norm(self.dtype, self.param_dtype, 'encoder_norm')(x_ble)
-
-
-def _is_unrolled(tree: Any) -> bool:
-  return isinstance(tree, Mapping) and 'block_0' in tree
-
-
-def scan_layout(params: Any) -> Any:
-  """Unrolled -> scanned params: every {'block_0', ..., 'block_{n-1}'} group (in any sub-tree)
-  becomes {'blocks': leaves stacked on a new leading axis}. Other entries are kept; trees that
-  are already scanned pass through. Works on numpy and jax arrays."""
-  if not isinstance(params, Mapping):
-    return params
-  out = {}
-  blocks = sorted((k for k in params if re.fullmatch(r'block_\d+', k)),
-                  key=lambda k: int(k.split('_')[1]))
-  if blocks:
-    expected = [f'block_{i}' for i in range(len(blocks))]
-    if blocks != expected:
-      raise ValueError(f'cannot stack blocks {blocks}: expected {expected} (a gap in the numbering)')
-    if SCANNED_BLOCKS in params:
-      raise ValueError(f"params have both '{SCANNED_BLOCKS}' and 'block_i' entries")
-    out[SCANNED_BLOCKS] = jax.tree.map(lambda *xs: _stack(xs), *[params[k] for k in blocks])
-  for key, value in params.items():
-    if key not in blocks:
-      out[key] = scan_layout(value)
-  return out
-
-
-def unscan_layout(params: Any) -> Any:
-  """Scanned -> unrolled params: the inverse of `scan_layout`."""
-  if not isinstance(params, Mapping):
-    return params
-  out = {}
-  for key, value in params.items():
-    if key == SCANNED_BLOCKS:
-      depths = {x.shape[0] for x in jax.tree.leaves(value)}
-      if len(depths) != 1:
-        raise ValueError(f"'{SCANNED_BLOCKS}' leaves disagree on the number of layers: {depths}")
-      for i in range(depths.pop()):
-        out[f'block_{i}'] = jax.tree.map(lambda x, i=i: x[i], value)
-    else:
-      out[key] = unscan_layout(value)
-  return out
-
-
-def is_scanned(params: Any) -> bool | None:
-  """True / False if the tree holds scanned / unrolled blocks; None if it holds no blocks."""
-  found = set()
-
-  def visit(tree):
-    if isinstance(tree, Mapping):
-      if SCANNED_BLOCKS in tree:
-        found.add(True)
-      if _is_unrolled(tree):
-        found.add(False)
-      for value in tree.values():
-        visit(value)
-  visit(params)
-  if len(found) > 1:
-    raise ValueError('params mix scanned and unrolled blocks')
-  return found.pop() if found else None
-
-
-def match_layout(params: Any, like: Any) -> Any:
-  """`params` converted to the scanned/unrolled layout of `like` (unchanged if they agree)."""
-  target, source = is_scanned(like), is_scanned(params)
-  if target is None or source is None or target == source:
-    return params
-  return scan_layout(params) if target else unscan_layout(params)
-
-
-def _stack(xs):
-  if isinstance(xs[0], jax.Array):
-    return jnp.stack(xs)
-  return np.stack([np.asarray(x) for x in xs])
+      for i in range(stack.depth):
+        x_ble = block_cls(stack, self.causal, name=f'block_{i}')(x_ble, mask, deterministic)
+    return layer_norm(stack.dtype, stack.param_dtype, 'encoder_norm')(x_ble)

@@ -9,11 +9,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-Array = jax.Array
+from mmfusion.vocab import EOS_ID, FIRST_NORMAL_ID
 
-# The tokenizer's ids (mmfusion/data/tokenizer.py, not imported: it pulls in TensorFlow).
-EOS_ID = 3
-FIRST_NORMAL_ID = 4   # pad 0, unk 1, bos 2, eos 3; ids from here on are text pieces
+Array = jax.Array
 
 
 def hard_negatives(rng: Array, sim_bb: Array) -> Array:

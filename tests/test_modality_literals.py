@@ -1,0 +1,59 @@
+"""No core module names a modality by hand: outside the image and text modules (their towers and
+input ops), the embedded dataset and the config defaults, no string literal of mmfusion/ names
+'image' or 'text' (or a key built on them, such as 'text_mask' or 'embeddings/image').
+
+Docstrings and messages (literals with spaces) may mention them; names and keys may not.
+"""
+import ast
+import pathlib
+import re
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'mmfusion'
+ALLOWED = {
+    'models/vit.py',    # the image tower
+    'models/text.py',   # the text tower
+    'data/image.py',    # the image modality's input op
+    'data/text.py',     # the text modality's input ops and vocabularies
+    'data/shapes.py',   # the embedded dataset: its features are images and captions
+    'config.py',        # the defaults of the default (image-text) experiment
+}
+NAMES_A_MODALITY = re.compile(r'(?<![A-Za-z])(image|text)(?![A-Za-z])')
+
+
+def docstrings(tree: ast.AST) -> set[int]:
+  ids = set()
+  for node in ast.walk(tree):
+    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+      body = node.body
+      if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        ids.add(id(body[0].value))
+  return ids
+
+
+def modality_literals(path: pathlib.Path) -> list[str]:
+  """'<line>: <literal>' for every non-docstring string literal in `path` without spaces that
+  names 'image' or 'text'."""
+  tree = ast.parse(path.read_text())
+  skip = docstrings(tree)
+  return [f'{node.lineno}: {node.value!r}' for node in ast.walk(tree)
+          if isinstance(node, ast.Constant) and isinstance(node.value, str)
+          and id(node) not in skip and ' ' not in node.value
+          and NAMES_A_MODALITY.search(node.value)]
+
+
+def test_only_the_modality_modules_name_image_or_text():
+  modules = sorted(PACKAGE.rglob('*.py'))
+  assert len(modules) > 30
+  found = [f'{path.relative_to(PACKAGE)}:{line}' for path in modules
+           if str(path.relative_to(PACKAGE)) not in ALLOWED for line in modality_literals(path)]
+  assert not found, '\n'.join(found)
+
+
+def test_the_scan_sees_keys_and_leaves_prose_alone(tmp_path):
+  module = tmp_path / 'example.py'
+  module.write_text('"""About the image tower."""\n'
+                    "KEY = 'text_mask'\nPATH = 'embeddings/image'\n"
+                    "MESSAGE = 'the text tower failed'\nOTHER = 'imagenet'\n"
+                    "NAMED = f'{KEY}_image'\n")
+  assert [f.split(': ', 1)[1] for f in modality_literals(module)] == [
+      "'text_mask'", "'embeddings/image'", "'_image'"]

@@ -19,11 +19,12 @@ bottleneck | weighted_sum | late; `fusion=` pretrained (default for cross_attent
 `init=PATH` (default workdirs/shapes_albef); `scratch` (nothing pretrained); `steps=`
 (default 1500); `smoke` (a few steps on the tiny dataset).
 
-Result (2-core CPU, 2026-12-01; 9 min 39 s wall for the second command above, from the ALBEF
-run's checkpoint; re-run from a re-run ALBEF: the same figures in 10 min 46 s): accuracy
-0.938 on the 10000 test questions (2000 images x 5), by type: colour 0.990, shape 0.963, count
-1.000, yes / no (existence, spatial relation) 0.739, size 0.997; blind majority baseline 0.385.
-(0.886 at step 600, 0.918 at step 900.) The strategies compared, 600 steps each from the same
+Result (2-core CPU, 2026-12-02, after the modality-generic redesign; 9 min 38 s wall for the
+second command above, from that ALBEF run's checkpoint): accuracy 0.939 on the 10000 test
+questions (2000 images x 5), by type: colour 0.991, shape 0.965, count 1.000, yes / no
+(existence, spatial relation) 0.742, size 1.000; blind majority baseline 0.385. (0.888 at step
+600, 0.919 at step 900.) Before the redesign (2026-12-01): 0.938; 0.990 / 0.963 / 1.000 /
+0.739 / 0.997. The strategies compared, 600 steps each from the same
 towers with fresh fusion (`configs/fusion/<strategy>.py`, which is
 `:strategy=S,fusion=fresh,steps=600`): README, "Fusion and multi-objective pretraining".
 """

@@ -129,3 +129,22 @@ def test_legacy_head_names_load_into_the_current_layout():
   # A current tree passes unchanged.
   same, renamed = ckpt.upgrade_legacy(params)
   assert renamed == [] and all(same[k] is params[k] for k in params) and same.keys() == params.keys()
+
+
+def test_the_default_run_keeps_the_param_layout_of_its_old_checkpoints():
+  """Checkpoints of the default run (configs/shapes_clip.py) written before the modality-generic
+  redesign (commit 8c17d58) must still resume: the current model's params have exactly their
+  names and shapes. The reference lists what that commit's model held, with a 200-token vocab."""
+  import json
+  import os
+  from configs import shapes_clip
+  from mmfusion import train
+  from mmfusion.models import model as model_lib
+  with open(os.path.join(os.path.dirname(__file__), 'default_run_params_8c17d58.json')) as f:
+    old = {path: tuple(shape) for path, shape in json.load(f).items()}
+  config = shapes_clip.get_config()
+  model = model_lib.build(config.model, vocab_size=200)
+  params = jax.eval_shape(model.init, jax.random.key(0), train.init_batch(config))['params']
+  params = jax.tree.map(lambda x: getattr(x, 'value', x), params,
+                        is_leaf=lambda x: hasattr(x, 'value'))
+  assert {path: tuple(x.shape) for path, x in ckpt.flatten(params).items()} == old

@@ -70,14 +70,7 @@ class ImageOp(ops.Op):
   S = config.data.image_size; in training with colour jitter (config.data.augment)."""
   name = 'image'
   num_random = NUM_JITTER_PARAMS
-
-  def features(self):
-    return ('image',)
-
-  def check(self):
-    super().check()
-    if not isinstance(self.source.features['image'], tfds.features.Image):
-      raise ValueError(f'dataset {self.source.where}: "image" is not an Image feature.')
+  feature_types = {'image': tfds.features.Image}
 
   @property
   def size(self) -> int:

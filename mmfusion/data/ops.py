@@ -33,6 +33,7 @@ class Op:
   need; every stage defaults to passing the op's fields through unchanged."""
   name = ''
   num_random = 0            # uniform numbers per example the training view draws
+  feature_types: dict[str, type] = {}   # feature -> the TFDS feature type it must have
 
   def __init__(self, source: Any):
     self.source = source                 # data.sources.Source: config, builder, vocabularies
@@ -40,15 +41,20 @@ class Op:
 
   def features(self) -> tuple[str, ...]:
     """The dataset features it reads; `check` makes sure they exist."""
-    return ()
+    return tuple(self.feature_types)
 
   def check(self) -> None:
-    """Fails, naming the dataset and the feature, when the dataset lacks what the op reads."""
-    available = self.source.features.keys()
-    missing = [f for f in self.features() if f not in available]
+    """Fails, naming the dataset and the feature, when the dataset lacks what the op reads
+    or has it with another type than `feature_types` says."""
+    available = self.source.features
+    missing = [f for f in self.features() if f not in available.keys()]
     if missing:
       raise ValueError(f'config.data.inputs has {self.name!r}, which reads features {missing}; '
-                       f'dataset {self.source.where} has {sorted(available)}.')
+                       f'dataset {self.source.where} has {sorted(available.keys())}.')
+    for feature, kind in self.feature_types.items():
+      if not isinstance(available[feature], kind):
+        raise ValueError(f'dataset {self.source.where}: {feature!r} is not a {kind.__name__} '
+                         f'feature (input {self.name!r} reads it as one).')
 
   def keys(self) -> tuple[str, ...]:
     """The batch entries it produces, as `spec` declares them."""
@@ -145,14 +151,7 @@ def training_spec(config: Any, batch_size: int) -> dict[str, tuple[tuple[int, ..
 class Label(Op):
   """The dataset's ClassLabel `label` -> label int32 [B]."""
   name = 'label'
-
-  def features(self):
-    return ('label',)
-
-  def check(self):
-    super().check()
-    if not isinstance(self.source.features['label'], tfds.features.ClassLabel):
-      raise ValueError(f'dataset {self.source.where}: "label" is not a ClassLabel feature.')
+  feature_types = {'label': tfds.features.ClassLabel}
 
   def spec(self, batch_size):
     return {'label': ((batch_size,), np.int32)}
@@ -171,9 +170,7 @@ class Objects(Op):
   colour / shape / size, whichever the dataset has) -> object_<attribute> int32 [B, 2], -1 where
   there is no such object. Evaluation only: the captioning scores read them."""
   name = 'objects'
-
-  def features(self):
-    return ('objects',)
+  feature_types = {'objects': tfds.features.Sequence}
 
   def attributes(self) -> list[str]:
     objects = self.source.features['objects']

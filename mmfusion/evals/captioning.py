@@ -30,9 +30,7 @@ class Captioning(common.Evaluator):
   @classmethod
   def check_options(cls, name, options, config):
     options = super().check_options(name, options, config)
-    if 'caption' not in config.model.heads:
-      raise ValueError(f'config.evals.{name}: type captioning needs a caption head: set '
-                       'config.model.heads.caption.')
+    common.require_head(name, config, 'caption', 'a caption head')
     if options['decode'] not in ('greedy', 'beam'):
       raise ValueError(f"config.evals.{name}: decode must be 'greedy' or 'beam', got "
                        f"{options['decode']!r}.")

@@ -21,9 +21,7 @@ class Classification(common.Evaluator):
   @classmethod
   def check_options(cls, name, options, config):
     options = super().check_options(name, options, config)
-    if 'classification' not in config.model.heads:
-      raise ValueError(f'config.evals.{name}: type classification needs a classification head, '
-                       'but config.model.heads has none.')
+    common.require_head(name, config, 'classification', 'a classification head')
     return options
 
   def __init__(self, name: str, **kwargs: Any):

@@ -147,6 +147,12 @@ class Evaluator:
     return sharding.replicate(tree, self.mesh)
 
 
+def require_head(name: str, config: Any, head: str, what: str) -> None:
+  """Fails unless the model has `config.model.heads.<head>`, which evaluator `name` reads."""
+  if head not in config.model.heads:
+    raise ValueError(f'config.evals.{name}: it needs {what}: set config.model.heads.{head}.')
+
+
 def check_positive_int(name: str, key: str, value: Any) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
     raise ValueError(f'config.evals.{name}: {key} must be a positive int, got {value!r}.')

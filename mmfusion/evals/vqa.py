@@ -33,9 +33,7 @@ class VQA(common.Evaluator):
   @classmethod
   def check_options(cls, name, options, config):
     options = super().check_options(name, options, config)
-    if 'vqa' not in config.model.heads:
-      raise ValueError(f'config.evals.{name}: type vqa needs a VQA head: set '
-                       'config.model.heads.vqa (and config.model.fusion.strategy).')
+    common.require_head(name, config, 'vqa', 'a VQA head (and config.model.fusion)')
     return options
 
   def __init__(self, name: str, **kwargs: Any):

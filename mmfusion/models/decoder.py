@@ -6,6 +6,7 @@ Decoding in brief:
   cache = init_cache(decoder, params, B, context_bnw, context_mask_bn)   # index 0, empty
   logits_b1v, cache = step(tokens_b1, cache)   # decoder.apply(..., decode=True, mutable='cache')
 `decode_uncached` is the slow reference that re-runs the whole prefix at every step.
+(~400 lines: the decoder and the decoding loops that must agree with it, side by side.)
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Pre-LN transformer pieces shared by every tower, fusion module and decoder: the options of a
 stack (`StackOptions`, with the size presets), attention (self and cross), MLP, block, encoder.
 Every param and main activation carries logical axis names; the config's rules map them to a mesh.
+(~420 lines: every piece the stacks share, so that none of them is written twice.)
 """
 from __future__ import annotations
 

@@ -71,7 +71,7 @@ class MultimodalModel(nn.Module):
 
   def setup(self):
     # Each tower and head becomes a child named by its modality / head name, so the param tree
-    # reads {'image': ..., 'text': ..., 'itm': ...} whatever the set of modalities.
+    # has one sub-tree per modality and per head, whatever the set of modalities.
     for name, module in {**self.towers, **self.heads}.items():
       setattr(self, name, module.clone(_deep_clone=True))
     scale_init = nn.initializers.constant(math.log(self.temperature_init))

@@ -18,6 +18,7 @@ from mmfusion import config as config_lib
 from mmfusion import evals
 from mmfusion.data import evaluation
 from mmfusion.data import ops
+from mmfusion.data import sources
 from mmfusion.evals import metrics
 from mmfusion.evals import retrieval
 
@@ -228,6 +229,8 @@ class FakeSource:
 
   def class_names(self):
     return list(self.names)
+
+  op = sources.Source.op       # the real lookup: builds and checks the op against `features`
 
 
 class InfraredOp(ops.Op):

@@ -10,6 +10,7 @@ import tensorflow_datasets as tfds
 from mmfusion import config as config_lib
 from mmfusion import evals
 from mmfusion.data import evaluation
+from mmfusion.data import sources
 from mmfusion.evals import captioning
 from mmfusion.evals import metrics
 from mmfusion.evals import retrieval
@@ -115,6 +116,8 @@ class FakeSource:
   def __init__(self, config, features=None):
     self.config = config
     self.features = dict(features or {})
+
+  op = sources.Source.op       # the real lookup: builds and checks the op against `features`
 
 
 class AnswerModel(nn.Module):

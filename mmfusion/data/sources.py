@@ -79,6 +79,14 @@ class Source:
     from mmfusion.data import text   # the vocabulary of every token-id input
     return text.get_tokenizer(self)
 
+  def op(self, name: str):
+    """The input op `name` (data/ops.py) on this dataset, built and checked once."""
+    ops = self.__dict__.setdefault('_ops', {})
+    if name not in ops:
+      from mmfusion.data import ops as ops_lib
+      ops[name] = ops_lib.build(self, [name])[name]
+    return ops[name]
+
   @functools.cached_property
   def answers(self) -> list[str]:
     from mmfusion.data import text

@@ -8,6 +8,7 @@ in a tf.data thread when its iterator is dropped (at exit, on an exception) can 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, Iterator, Sequence
@@ -133,7 +134,9 @@ class QuestionOp(_TokenOp):
   def spec(self, batch_size):
     return {**super().spec(batch_size), 'answer': ((batch_size,), np.int32)}
 
-  def _table(self) -> tf.lookup.StaticHashTable:
+  @functools.cached_property
+  def _answer_table(self) -> tf.lookup.StaticHashTable:
+    """Answer string -> its index in the answer vocabulary, -1 outside it."""
     vocab = self.source.answers
     return tf.lookup.StaticHashTable(
         tf.lookup.KeyValueTensorInitializer(tf.constant(vocab, tf.string),
@@ -141,8 +144,6 @@ class QuestionOp(_TokenOp):
         default_value=-1)
 
   def standardize(self, ex):
-    if not hasattr(self, '_answer_table'):
-      self._answer_table = self._table()
     return {'question': tf.reshape(ex['questions'], [-1]),                     # [Q] strings
             'answer': self._answer_table.lookup(tf.reshape(ex['answers'], [-1]))}  # [Q] int32
 

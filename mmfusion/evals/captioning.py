@@ -74,8 +74,7 @@ class Captioning(common.Evaluator):
   def attribute_names(self) -> dict[str, list[str]]:
     if 'objects' not in self.source.features:
       return {}
-    from mmfusion.data import ops
-    return ops.build(self.source, ['objects'])['objects'].names()
+    return self.source.op('objects').names()
 
   def run(self, params: common.Params) -> Iterator[tuple[str, float]]:
     rows = self.collect(lambda batch: self._generate(params, batch))

@@ -102,8 +102,7 @@ class Evaluator:
 
   def raw_inputs(self, op_name: str, values: Any) -> dict[str, np.ndarray]:
     """Plain values (e.g. prompt strings) -> batch entries, with the pipeline's own op."""
-    from mmfusion.data import ops
-    return ops.build(self.source, [op_name])[op_name].from_raw(values)
+    return self.source.op(op_name).from_raw(values)
 
   def run(self, params: Params) -> Iterator[tuple[str, float]]:
     raise NotImplementedError

@@ -86,8 +86,7 @@ class Retrieval(common.Evaluator):
 
   def _training_rank(self, modality: str) -> int:
     if modality not in self._ranks:
-      from mmfusion.data import ops
-      spec = ops.build(self.source, [modality])[modality].spec(1)
+      spec = self.source.op(modality).spec(1)
       self._ranks[modality] = len(spec[modality][0])
     return self._ranks[modality]
 

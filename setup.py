@@ -24,7 +24,12 @@ setuptools.setup(
         "importlib-resources>=6",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"],
+        # Speaking the spoken datasets: eSpeak NG 1.52 as a shared library (GPL-3.0), loaded
+        # at render time only (mmfusion/data/tts.py).
+        "speech": ["espeakng-loader>=0.2.4,<0.3"],
+        # pocketsphinx (BSD-2-Clause) only for the ASR check of the spoken data.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100",
+                 "espeakng-loader>=0.2.4,<0.3", "pocketsphinx>=5.0,<6"],
         # Only the open_clip peer of benchmarks/train_step.py; nothing else imports them.
         "bench": ["torch", "open_clip_torch"],
     },

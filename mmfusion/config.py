@@ -33,6 +33,10 @@ def base() -> ConfigDict:
       # 'question_mask' and 'answer') are targets.
       inputs=('image', 'text', 'label'),
       image_size=32,                      # pixels after resize
+      # Audio inputs (ops 'audio', 'spoken_question'): waveforms at this rate, zero-padded to
+      # this length (a longer clip is refused); the audio tower's sample_rate must match.
+      audio_sample_rate=16_000,
+      audio_max_seconds=3.5,
       shuffle_buffer=10_000,              # only when a host's split does not fit in memory
       augment=True,                       # light colour jitter; geometry is left alone
       prefetch=2,                         # batches kept ready on device
@@ -152,13 +156,8 @@ def parse_arg(arg: str | None, **defaults):
   return ConfigDict(out)
 
 
-def load_file(path: str, *args: str | None, next_to: str | None = None) -> ConfigDict:
-  """What `--config path:arg` loads: the config file's `get_config(arg)`.
-
-  Several `args` join with commas, a later name overriding an earlier one; `next_to=__file__`
-  reads a relative `path` from the calling file's folder. A config that is another config with
-  fixed arguments (`configs/fusion/*.py`) builds on it this way, so the two cannot drift apart.
-  """
+def load_module(path: str, next_to: str | None = None):
+  """A config file as a module (for configs that share parts with another, e.g. its towers)."""
   if next_to is not None:
     path = os.path.join(os.path.dirname(os.path.abspath(next_to)), path)
   if not os.path.isfile(path):
@@ -167,6 +166,17 @@ def load_file(path: str, *args: str | None, next_to: str | None = None) -> Confi
   spec = importlib.util.spec_from_file_location(f'mmfusion_config_{name}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module
+
+
+def load_file(path: str, *args: str | None, next_to: str | None = None) -> ConfigDict:
+  """What `--config path:arg` loads: the config file's `get_config(arg)`.
+
+  Several `args` join with commas, a later name overriding an earlier one; `next_to=__file__`
+  reads a relative `path` from the calling file's folder. A config that is another config with
+  fixed arguments (`configs/fusion/*.py`) builds on it this way, so the two cannot drift apart.
+  """
+  module = load_module(path, next_to=next_to)
   arg = ','.join(a for a in args if a)
   return module.get_config(arg) if arg else module.get_config()
 
@@ -203,6 +213,7 @@ def validate(config: ConfigDict, num_devices: int | None = None, num_granules: i
   from mmfusion.models import fusion as fusion_lib
   from mmfusion.models import heads as heads_lib
   from mmfusion.models import model as model_lib
+  from mmfusion.models import towers as towers_lib
 
   _need(config.total_steps > 0, f'config.total_steps = {config.total_steps}: must be > 0.')
   _need(config.batch_size > 0, f'config.batch_size = {config.batch_size}: must be > 0.')
@@ -211,6 +222,9 @@ def validate(config: ConfigDict, num_devices: int | None = None, num_granules: i
         f'{jax.process_count()} processes.')
   _need(config.data.image_size > 0,
         f'config.data.image_size = {config.data.image_size}: must be > 0.')
+  _need(config.data.audio_sample_rate > 0 and config.data.audio_max_seconds > 0,
+        f'config.data.audio_sample_rate = {config.data.audio_sample_rate} and '
+        f'audio_max_seconds = {config.data.audio_max_seconds}: must be > 0.')
   _need(config.tokenizer.max_len >= 2, f'config.tokenizer.max_len = {config.tokenizer.max_len}: '
         'must be >= 2 (one token and EOS).')
   _need(config.log_every > 0, f'config.log_every = {config.log_every}: must be > 0.')
@@ -234,6 +248,12 @@ def validate(config: ConfigDict, num_devices: int | None = None, num_granules: i
   # data decides them), which checks their keys and values.
   model_lib.build(_with_placeholders(config.model), vocab_size=max(config.tokenizer.vocab_size, 8))
   towers = set(config.model.towers)
+  for m, tower_config in config.model.towers.items():
+    # A tower that computes its own features from waveforms must hear them at the data's rate.
+    rate = towers_lib.options(m, tower_config).get('sample_rate')
+    _need(rate is None or rate == config.data.audio_sample_rate,
+          f'config.model.towers.{m}.sample_rate = {rate}, but the audio inputs are at '
+          f'config.data.audio_sample_rate = {config.data.audio_sample_rate}.')
   heads = heads_lib.options(config.model.heads)
   brings = _batch_modalities(inputs, towers, heads)
 
@@ -271,7 +291,7 @@ def _batch_modalities(inputs, towers, heads) -> set[str]:
   """The modalities a training batch brings to the model: its inputs that have a tower, and
   the modality that reads the VQA question."""
   brings = {i for i in inputs if i in towers}
-  if 'question' in inputs and 'vqa' in heads:
+  if {'question', 'spoken_question'} & set(inputs) and 'vqa' in heads:
     brings.add(heads['vqa']['question'])
   return brings
 

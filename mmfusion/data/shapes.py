@@ -41,6 +41,8 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mmfusion.data import spoken
+
 NAME = 'mmfusion_shapes'
 
 SHAPES = ('circle', 'square', 'triangle', 'diamond', 'cross')
@@ -340,6 +342,7 @@ class ShapesConfig(tfds.core.BuilderConfig):
   num_validation: int = 2_000
   num_test: int = 2_000
   seed: int = 0
+  spoken: int = 0          # 1: a caption and a question of each scene spoken (data/spoken.py)
 
   def num_examples(self, split: str) -> int:
     return {'train': self.num_train, 'validation': self.num_validation,
@@ -350,6 +353,11 @@ _BUILDER_CONFIGS = (
     ShapesConfig(name='default', description='64 px; 20000/2000/2000 examples.'),
     ShapesConfig(name='tiny', description='64 px; 256/64/64 examples, for tests.',
                  num_train=256, num_validation=64, num_test=64),
+    ShapesConfig(name='spoken', description='64 px; 10000/1000/1000 examples, a caption and '
+                 'a question of each spoken; speaker-disjoint splits.', num_train=10_000,
+                 num_validation=1_000, num_test=1_000, spoken=1),
+    ShapesConfig(name='spoken_tiny', description='spoken, 256/64/64 examples, for tests.',
+                 num_train=256, num_validation=64, num_test=64, spoken=1),
 )
 
 
@@ -395,9 +403,12 @@ class MmfusionShapes(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.image_size
+    spoken_features = spoken.features() if self.builder_config.spoken else {}
     return self.dataset_info_from_configs(
         description=__doc__.splitlines()[0],
+        metadata=tfds.core.MetadataDict(),
         features=tfds.features.FeaturesDict({
+            **spoken_features,
             'image': tfds.features.Image(shape=(size, size, 3), encoding_format='png'),
             'captions': tfds.features.Sequence(tfds.features.Text(),
                                                length=NUM_CAPTIONS),
@@ -423,6 +434,15 @@ class MmfusionShapes(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(split) for split in SPLITS}
 
   def _generate_examples(self, split: str):
+    config = self.builder_config
+    examples = self._generate_scenes(split)
+    if config.spoken:
+      longest = self.info.metadata.setdefault('longest_clip_seconds', {})
+      examples = spoken.add_speech(examples, config.seed, SPLITS.index(split), split,
+                                   longest.setdefault(split, {}))
+    yield from examples
+
+  def _generate_scenes(self, split: str):
     config = self.builder_config
     split_id = SPLITS.index(split)
     for index in range(config.num_examples(split)):

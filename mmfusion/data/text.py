@@ -135,7 +135,7 @@ class QuestionOp(_TokenOp):
     return {**super().spec(batch_size), 'answer': ((batch_size,), np.int32)}
 
   @functools.cached_property
-  def _answer_table(self) -> tf.lookup.StaticHashTable:
+  def answer_table(self) -> tf.lookup.StaticHashTable:
     """Answer string -> its index in the answer vocabulary, -1 outside it."""
     vocab = self.source.answers
     return tf.lookup.StaticHashTable(
@@ -145,7 +145,7 @@ class QuestionOp(_TokenOp):
 
   def standardize(self, ex):
     return {'question': tf.reshape(ex['questions'], [-1]),                     # [Q] strings
-            'answer': self._answer_table.lookup(tf.reshape(ex['answers'], [-1]))}  # [Q] int32
+            'answer': self.answer_table.lookup(tf.reshape(ex['answers'], [-1]))}  # [Q] int32
 
   def train(self, batch, u):
     index = pick(u[:, 0], self.num_per_example())

@@ -20,9 +20,11 @@ from mmfusion.models import towers as towers_lib
 Array = jax.Array
 Dtype = Any
 
-# Random streams the forward pass draws from in training: dropout, and the heads' (the ITM hard
-# negatives, the MLM masks). The trainer folds one key per stream from the step's key.
-RNG_STREAMS = ('dropout',) + heads_lib.RNG_STREAMS
+# Random streams the forward pass draws from in training: dropout, the heads' (the ITM hard
+# negatives, the MLM masks) and the audio front-end's SpecAugment masks. The trainer folds one
+# key per stream from the step's key, by position: a new stream goes last, so the others keep
+# their keys.
+RNG_STREAMS = ('dropout',) + heads_lib.RNG_STREAMS + ('augment',)
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 # Names the model uses itself: no modality or head may take them (their params would clash).
 RESERVED = ('logit_scale', 'logit_bias', 'fusion', 'towers', 'heads')

@@ -16,18 +16,20 @@ POOLS = ('cls', 'gap', 'map')
 
 
 class MAPHead(nn.Module):
-  """Multihead attention pooling: a learned probe cross-attends to the tokens (big_vision's MAP)."""
+  """Multihead attention pooling: a learned probe cross-attends to the tokens (big_vision's MAP).
+  With `mask_bn` (bool [B,N], True = real) the probe gives padded tokens exactly zero weight."""
   stack: layers.StackOptions
 
   @nn.compact
-  def __call__(self, x_bnw: Array) -> Array:
+  def __call__(self, x_bnw: Array, mask_bn: Array | None = None) -> Array:
     batch, _, width = x_bnw.shape
     stack = self.stack
     probe_11w = self.param(
         'probe', layers.named_init(nn.initializers.xavier_uniform(), (None, None, 'embed')),
         (1, 1, width), stack.param_dtype)
     probe_b1w = jnp.tile(probe_11w.astype(stack.dtype), (batch, 1, 1))
-    x_b1w = layers.MultiHeadAttention(stack, name='attn')(probe_b1w, x_bnw)
+    key_mask = None if mask_bn is None else mask_bn[:, None, None, :]
+    x_b1w = layers.MultiHeadAttention(stack, name='attn')(probe_b1w, x_bnw, mask=key_mask)
     y_b1w = layers.layer_norm(stack.dtype, stack.param_dtype, 'ln')(x_b1w)
     x_b1w = x_b1w + layers.MlpBlock(stack, name='mlp')(y_b1w)
     return x_b1w[:, 0]

@@ -372,7 +372,7 @@ def test_config_keys_per_strategy():
   errors name the config key."""
   assert fusion.options({'strategy': ''}) == {}
   assert fusion.options({'strategy': 'late'}) == {'strategy': 'late', 'width': 96,
-                                                  'combine': 'learned'}
+                                                  'combine': 'learned', 'modality_dropout': {}}
   opts = fusion.options(dict(strategy='cross_attention', query='text', context='image', depth=3))
   assert opts == {'strategy': 'cross_attention', **fusion.OPTIONS['cross_attention'],
                   'query': 'text', 'context': 'image', 'depth': 3}

@@ -32,7 +32,10 @@ def direction(a: str, b: str) -> str:
 
 class Retrieval(common.Evaluator):
   """Yields <a>2<b>_r{1,5,10} and <b>2<a>_r{1,5,10} (fractions, e.g. i2t_r1 and t2i_r1 for
-  pair=('image', 'text')), num_<a> and num_<b> (items scored).
+  pair=('image', 'text')), num_<a> and num_<b> (items scored). `pairs` instead of `pair`
+  scores several pairs from one pass over the split (each modality embedded once), e.g.
+  pairs=(('image', 'text'), ('image', 'audio'), ('text', 'audio')) -> i2t, t2i, i2a, a2i, t2a
+  and a2t.
 
   rerank_k > 0 (needs the model's ITM head on the same pair): each query's top rerank_k
   candidates by the contrastive score are re-ordered, and the recalls of that ranking are
@@ -47,18 +50,29 @@ class Retrieval(common.Evaluator):
   rather than each getting it.
   """
   TYPE = 'retrieval'
-  OPTIONS = {**common.Evaluator.OPTIONS, 'pair': common.REQUIRED, 'rerank_k': 0,
+  OPTIONS = {**common.Evaluator.OPTIONS, 'pair': (), 'pairs': (), 'rerank_k': 0,
              'rerank_score': 'itm+contrastive'}
   RERANK_SCORES = ('itm', 'itm+contrastive')
 
   @classmethod
   def check_options(cls, name, options, config):
     options = super().check_options(name, options, config)
-    pair = options['pair']
-    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or pair[0] == pair[1]:
-      raise ValueError(f'config.evals.{name}.pair = {pair!r}: needs two different modalities.')
-    options['pair'] = tuple(cls.check_modality(name, 'pair', m, config) for m in pair)
+    if bool(options['pair']) == bool(options['pairs']):
+      raise ValueError(f'config.evals.{name}: give either pair=(a, b) or pairs=((a, b), ...); '
+                       f"got pair={options['pair']!r}, pairs={options['pairs']!r}.")
+    key = 'pair' if options['pair'] else 'pairs'
+    given = (options['pair'],) if options['pair'] else options['pairs']
+    pairs = []
+    for pair in given:
+      if not isinstance(pair, (tuple, list)) or len(pair) != 2 or pair[0] == pair[1]:
+        raise ValueError(f'config.evals.{name}.{key}: {pair!r} needs two different modalities.')
+      pairs.append(tuple(cls.check_modality(name, key, m, config) for m in pair))
+    options['pairs'] = tuple(pairs)
+    options['pair'] = pairs[0]
     rerank_k = options['rerank_k']
+    if rerank_k and len(pairs) > 1:
+      raise ValueError(f'config.evals.{name}: rerank_k re-ranks one pair (the ITM head\'s); give '
+                       'pair=(a, b) rather than pairs.')
     if isinstance(rerank_k, bool) or not isinstance(rerank_k, int) or rerank_k < 0:
       raise ValueError(f'config.evals.{name}: rerank_k must be an int >= 0, got {rerank_k!r}.')
     itm = config.model.heads.get('itm')
@@ -72,7 +86,8 @@ class Retrieval(common.Evaluator):
 
   def __init__(self, name: str, **kwargs: Any):
     super().__init__(name, **kwargs)
-    self.pair = self.options['pair']
+    self.pairs, self.pair = self.options['pairs'], self.options['pair']
+    self.modalities = tuple(dict.fromkeys(m for pair in self.pairs for m in pair))
     self.rerank_k = self.options['rerank_k']
     self._embed = self.jit(self._embed_batch)
     self._match = self.jit(lambda params, encoded: self.model.apply(
@@ -82,7 +97,7 @@ class Retrieval(common.Evaluator):
     self._ranks = {}     # modality -> rank of its training entry (its items axis is one more)
 
   def inputs(self):
-    return self.pair
+    return self.modalities
 
   def _training_rank(self, modality: str) -> int:
     if modality not in self._ranks:
@@ -110,16 +125,17 @@ class Retrieval(common.Evaluator):
     return items
 
   def _embed_batch(self, params: common.Params, batch: common.Batch) -> dict[str, Any]:
-    return {f'{m}/{key}': v for m in self.pair for key, v in self._items(params, batch, m).items()}
+    return {f'{m}/{key}': v for m in self.modalities
+            for key, v in self._items(params, batch, m).items()}
 
   def run(self, params: common.Params) -> Iterator[tuple[str, float]]:
     flat = self.collect(lambda batch: self._embed(params, batch))
     rows = {m: {key.split('/', 1)[1]: v for key, v in flat.items() if key.startswith(f'{m}/')}
-            for m in self.pair}
-    num_examples = len(rows[self.pair[0]].get('valid', ()))
+            for m in self.modalities}
+    num_examples = len(rows[self.modalities[0]].get('valid', ()))
     common.check_not_empty(self, num_examples)
     items = {}
-    for m in self.pair:
+    for m in self.modalities:
       valid = rows[m]['valid']
       empty = np.flatnonzero(~valid.any(axis=1))
       if empty.size:
@@ -128,7 +144,12 @@ class Retrieval(common.Evaluator):
       items[m] = {key: v[valid] for key, v in rows[m].items() if key != 'valid'}
       items[m]['owner'] = np.nonzero(valid)[0]
       items[m]['embedding'] = items[m]['embedding'].astype(np.float32)
-    a, b = self.pair
+    for a, b in self.pairs:
+      yield from self._pair_recalls(params, items, a, b)
+    for m in self.modalities:
+      yield f'num_{m}', float(len(items[m]['owner']))
+
+  def _pair_recalls(self, params, items, a: str, b: str) -> Iterator[tuple[str, float]]:
     za, zb, owner_a, owner_b = (items[a]['embedding'], items[b]['embedding'], items[a]['owner'],
                                 items[b]['owner'])
 
@@ -156,8 +177,6 @@ class Retrieval(common.Evaluator):
         for k, r in zip(KS, recall):
           yield f'{direction(x, y)}{suffix}_r{k}', r
       suffix = '_rerank'
-    yield f'num_{a}', float(len(owner_a))
-    yield f'num_{b}', float(len(owner_b))
 
   def _match_scores(self, params, items, ia: np.ndarray, ib: np.ndarray) -> np.ndarray:
     """ITM match logit minus no-match logit of the item pairs (a[ia], b[ib]), [P] float32, in

@@ -28,35 +28,52 @@ class VQA(common.Evaluator):
   bound for any answerer that reads no image.
   """
   TYPE = 'vqa'
-  OPTIONS = dict(common.Evaluator.OPTIONS)
+  # questions: the input op that reads them ('question': written, Q per example;
+  # 'spoken_question': one spoken per example). absent: modalities left out (the fusion's
+  # learned missing tokens stand in for them), e.g. ('image',) for a blind answerer.
+  OPTIONS = {**common.Evaluator.OPTIONS, 'questions': 'question', 'absent': ()}
 
   @classmethod
   def check_options(cls, name, options, config):
     options = super().check_options(name, options, config)
     common.require_head(name, config, 'vqa', 'a VQA head (and config.model.fusion)')
+    head = config.model.heads.vqa
+    absent = tuple(options['absent'])
+    stand_ins = dict(config.model.fusion.get('modality_dropout', {}))
+    for m in absent:
+      if m not in (head.question, head.context) or m not in stand_ins:
+        raise ValueError(f'config.evals.{name}.absent = {absent!r}: {m!r} must be a modality of '
+                         'the VQA head named in config.model.fusion.modality_dropout (whose '
+                         'missing token stands in for it).')
+    options['absent'] = absent
     return options
 
   def __init__(self, name: str, **kwargs: Any):
     super().__init__(name, **kwargs)
     head = self.config.model.heads.vqa
     self.question, self.context = head.question, head.context
+    self.absent = self.options['absent']
     self._predict = self.jit(self._answers)
 
   def inputs(self):
-    return (self.context, 'question')
+    return tuple(m for m in (self.context,) if m not in self.absent) + (
+        self.options['questions'],)
 
   def _answers(self, params: common.Params, batch: common.Batch) -> dict[str, Any]:
     variables = {'params': params}
     b, q, length = batch['question'].shape
     encode = type(self.model).encode
-    context = self.model.apply(variables, self.context, batch[self.context],
-                               batch.get(f'{self.context}_mask'), method=encode)
-    asked = self.model.apply(variables, self.question, batch['question'].reshape(b * q, length),
-                             batch['question_mask'].reshape(b * q, length), method=encode)
-    repeat = lambda x: jnp.repeat(x, q, axis=0)     # example i for each of its q questions
-    logits = self.model.apply(
-        variables, 'vqa', {self.context: jax.tree.map(repeat, context), self.question: asked},
-        method=type(self.model).fused_logits)
+    encoded = {}
+    if self.context not in self.absent:
+      context = self.model.apply(variables, self.context, batch[self.context],
+                                 batch.get(f'{self.context}_mask'), method=encode)
+      repeat = lambda x: jnp.repeat(x, q, axis=0)     # example i for each of its q questions
+      encoded[self.context] = jax.tree.map(repeat, context)
+    if self.question not in self.absent:
+      encoded[self.question] = self.model.apply(
+          variables, self.question, batch['question'].reshape(b * q, length),
+          batch['question_mask'].reshape(b * q, length), method=encode)
+    logits = self.model.apply(variables, 'vqa', encoded, method=type(self.model).fused_logits)
     return {'pred': jnp.argmax(logits, axis=-1).reshape(b, q), 'answers': batch['answer']}
 
   def run(self, params: common.Params) -> Iterator[tuple[str, float]]:

@@ -50,6 +50,10 @@ OPTIONS: dict[str, dict[str, Any]] = {
     'weighted_sum': dict(width=96, gate='weights'),
     'late': dict(width=96, combine='learned'),    # how the per-modality logits are mixed
 }
+# Every strategy also takes modality_dropout = {modality: probability}: those modalities may be
+# absent (see Fusion), and in training each example drops them with that probability.
+for _options in OPTIONS.values():
+  _options['modality_dropout'] = {}
 
 BLE = ('batch', 'length', 'embed')
 BE = ('batch', 'embed')
@@ -96,8 +100,14 @@ def build(fusion_config: Mapping[str, Any], stack_of) -> Fusion | None:
   strategy = opts['strategy']
   sizes = dict(depth=0, mlp_dim=opts['width'], num_heads=1)   # for strategies with no blocks
   sizes.update({k: opts[k] for k in ('depth', 'mlp_dim', 'num_heads') if k in opts})
+  dropout = dict(opts['modality_dropout'])
+  for m, rate in dropout.items():
+    if not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+      raise ValueError(f'config.model.fusion.modality_dropout.{m} = {rate!r}: a probability in '
+                       '[0, 1) is needed.')
   try:
     return Fusion(strategy=strategy, stack=stack_of({**opts, **sizes}),
+                  modality_dropout=tuple(sorted((m, float(r)) for m, r in dropout.items())),
                   query=opts.get('query', ''), context=opts.get('context', ''),
                   start_layer=opts.get('start_layer', 0),
                   num_bottleneck=opts.get('num_bottleneck', 1), gate=opts.get('gate', GATES[0]),
@@ -193,6 +203,12 @@ class Fusion(nn.Module):
   Padded positions of the token outputs hold values that depend on the params and the real
   tokens only (padded inputs are zeroed first); read them through the mask.
 
+  Missing modalities: each modality named in `modality_dropout` has a learned token
+  'missing_{m}' [width]. When m is absent from the inputs, it enters the fusion as that one
+  token (mask True) in place of its projected tokens or pooled vector, so a fused model still
+  runs and answers without it; in training, each example independently replaces m by it with
+  the given probability (random stream 'dropout'), which teaches the model to do without.
+
   stack.sow_weights records every fusion attention's weights [B, heads, Lq, Lk] into
   'intermediates/<block>/{self_attn,cross_attn}/attention_weights' (and weighted_sum's
   per-modality weights into 'intermediates/modality_weights'). The fused kernels never
@@ -214,6 +230,7 @@ class Fusion(nn.Module):
   num_bottleneck: int = 4
   gate: str = 'weights'
   combine: str = 'learned'
+  modality_dropout: tuple[tuple[str, float], ...] = ()
 
   def __post_init__(self):
     check_strategy(self.strategy)
@@ -241,13 +258,15 @@ class Fusion(nn.Module):
   def __call__(self, tokens: Mapping[str, Array], masks: Mapping[str, Array],
                pooled: Mapping[str, Array], *, train: bool = False) -> dict[str, Any]:
     if self.strategy in TOKEN_STRATEGIES:
-      names = self._modalities(tokens)
+      names = self._modalities({**dict.fromkeys(self._absent(tokens)), **tokens})
       x, mask = self._project_tokens(tokens, masks, names)
+      x, mask = self._stand_in_tokens(names, x, mask, train)
       run = {'cross_attention': self._cross_attention, 'co_attention': self._co_attention,
              'early': self._early, 'bottleneck': self._bottleneck}[self.strategy]
       return run(names, x, mask, not train)
-    names = self._modalities(pooled)
-    p = {m: layers.constrain(self._in_proj(m)(pooled[m]), BE) for m in names}
+    names = self._modalities({**dict.fromkeys(self._absent(pooled)), **pooled})
+    p = {m: layers.constrain(self._in_proj(m)(pooled[m]), BE) for m in names if m in pooled}
+    p = self._stand_in_pooled(names, p, train)
     if self.strategy == 'weighted_sum':
       return self._weighted_sum(names, p)
     return dict(pooled=None, pooled_by_modality=p, tokens_by_modality={}, tokens=None, mask=None)
@@ -280,7 +299,7 @@ class Fusion(nn.Module):
     """{m: [B, N_m, width]} projected tokens (zero at padding) and {m: [B, N_m] bool}."""
     used = [self.query, self.context] if self.strategy == 'cross_attention' else names
     x, mask = {}, {}
-    for m in used:
+    for m in (m for m in used if m in tokens):
       if m not in masks:
         raise ValueError(f'fusion has tokens for {m!r} but no mask for them; masks has '
                          f'{sorted(masks)}')
@@ -293,6 +312,58 @@ class Fusion(nn.Module):
       x_bnw = jnp.where(mask[m][..., None], tokens[m], 0)
       x[m] = layers.constrain(self._in_proj(m)(x_bnw), BLE)
     return x, mask
+
+  # -- missing modalities --------------------------------------------------------------------
+
+  def _absent(self, given: Mapping[str, Any]) -> list[str]:
+    return [m for m, _ in self.modality_dropout if m not in given]
+
+  def _missing_token(self, m: str) -> Array:
+    init = layers.named_init(nn.initializers.normal(stddev=0.02), ('embed',))
+    return self.param(f'missing_{m}', init, (self.width,), self.stack.param_dtype).astype(
+        self.stack.dtype)
+
+  def _dropped(self, m: str, batch: int, train: bool) -> Array | None:
+    """[B] bool: the examples whose m is replaced by its missing token (training only)."""
+    rate = dict(self.modality_dropout)[m]
+    if not train or rate <= 0.0:
+      return None
+    return jax.random.bernoulli(self.make_rng('dropout'), rate, (batch,))
+
+  def _stand_in_tokens(self, names, x, mask, train: bool):
+    """Absent (or dropped) modalities as their missing token: [B, 1, width], mask True (a
+    dropped example keeps its length: the token in front, the rest masked out)."""
+    batch = next(iter(x.values())).shape[0]
+    for m, _ in self.modality_dropout:
+      if m not in names or (m not in x and self.strategy == 'cross_attention'
+                            and m not in (self.query, self.context)):
+        continue
+      token_w = self._missing_token(m)
+      if m not in x:
+        x[m] = jnp.broadcast_to(token_w, (batch, 1, self.width))
+        mask[m] = jnp.ones((batch, 1), jnp.bool_)
+        continue
+      dropped_b = self._dropped(m, batch, train)
+      if dropped_b is not None:
+        first_n = jnp.arange(x[m].shape[1]) == 0
+        stand_in_bnw = jnp.where(first_n[None, :, None], token_w, 0).astype(x[m].dtype)
+        x[m] = jnp.where(dropped_b[:, None, None], stand_in_bnw, x[m])
+        mask[m] = jnp.where(dropped_b[:, None], first_n[None, :], mask[m])
+    return x, mask
+
+  def _stand_in_pooled(self, names, p, train: bool):
+    batch = next(iter(p.values())).shape[0]
+    for m, _ in self.modality_dropout:
+      if m not in names:
+        continue
+      token_w = self._missing_token(m)
+      if m not in p:
+        p[m] = jnp.broadcast_to(token_w, (batch, self.width))
+        continue
+      dropped_b = self._dropped(m, batch, train)
+      if dropped_b is not None:
+        p[m] = jnp.where(dropped_b[:, None], token_w.astype(p[m].dtype), p[m])
+    return p
 
   # -- building blocks ------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ too long (a dataset without that metadata) stops the input pipeline with a messa
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import numpy as np
@@ -17,6 +18,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mmfusion.data import ops
+from mmfusion.data import text
 
 
 def pad_clip(clip: tf.Tensor, num_samples: int, where: str) -> dict[str, tf.Tensor]:
@@ -141,11 +143,17 @@ class SpokenQuestionOp(_ClipOp):
     return {'question': (shape, np.float32), 'question_mask': (shape, np.bool_),
             'answer': ((batch_size,), np.int32)}
 
+  @functools.cached_property
+  def _written(self) -> text.QuestionOp:
+    # The written questions' op numbers the answers (both ops alike). Its own instance, not the
+    # Source's shared one: the lookup table it holds lives in the graph of the first input
+    # pipeline that uses it, and every pipeline builds its own ops.
+    return text.QuestionOp(self.source)
+
   def standardize(self, ex):
     answer = tf.gather(tf.reshape(ex['answers'], [-1]), ex['spoken_question_index'])
-    # The written questions' op holds the answer vocabulary: both number answers alike.
     return {'question': ex['spoken_question'],
-            'answer': self.source.op('question').answer_table.lookup(answer)}
+            'answer': self._written.answer_table.lookup(answer)}
 
   def decode(self, ex):
     padded = pad_clip(ex['question'], self.num_samples, f'input {self.name!r}')

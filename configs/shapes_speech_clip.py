@@ -1,0 +1,37 @@
+r"""Speech-image contrastive learning (the SpeechCLIP / FaST-VGS setting): spoken captions and
+images only, no text anywhere in training.
+
+The speech tower of configs/shapes_trimodal.py and a ViT learn a shared space from the spoken
+shapes (one spoken caption per scene, 18 training speakers). Evaluated on the test split (3
+unseen speakers): image <-> speech retrieval, and zero-shot image classification from spoken
+class prompts ('a red circle.' said by the test speakers).
+
+  python -m mmfusion.main --config configs/shapes_speech_clip.py \
+      --workdir workdirs/shapes_speech_clip
+
+Arguments: `features=log_mel|mfcc`, `steps=`, `smoke`.
+
+Result: see the README's "Speech" section (measured on 2 CPU cores).
+"""
+from mmfusion import config as mmf_config
+
+shapes_trimodal = mmf_config.load_module('shapes_trimodal.py', next_to=__file__)
+
+
+def get_config(arg=None):
+  arg = mmf_config.parse_arg(arg, features='log_mel', steps=1200, smoke=False)
+  config = mmf_config.base()
+  config.data.builder_config = 'spoken'
+  config.data.inputs = ('image', 'audio', 'label')
+  del config.model.towers['text']
+  config.model.towers.audio = shapes_trimodal.audio_tower(arg.features)
+  pairs = (('image', 'audio', 1.0),)
+  config.objectives = {'softmax_contrastive': dict(weight=1.0, pairs=pairs)}
+  config.evals = shapes_trimodal.speech_evals(pairs)
+  config.total_steps = arg.steps
+  config.optim.update(lr=1e-3, warmup_steps=100)
+  config.checkpoint.every = 400
+  if arg.smoke:
+    mmf_config.smoke(config)
+    config.data.builder_config = 'spoken_tiny'
+  return mmf_config.lock(config)

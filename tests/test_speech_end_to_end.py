@@ -1,0 +1,50 @@
+"""The speech configs through the real CLI on the tiny spoken dataset: tri-modal training with
+retrieval for every pair and zero-shot from spoken prompts, then spoken VQA fine-tuned from it
+with modality dropout and evaluated with the image absent."""
+import json
+import os
+
+import pytest
+
+from cli_runs import cli
+
+pytest.importorskip('espeakng_loader', reason="the speech engine comes with the [speech] extra")
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp('data')
+
+
+@pytest.fixture(scope='module')
+def trimodal(tmp_path_factory, data_dir):
+  workdir = tmp_path_factory.mktemp('trimodal')
+  run = cli('shapes_trimodal.py:smoke', workdir, data_dir, '--config.total_steps=30')
+  assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+  return workdir
+
+
+def test_trimodal_reports_every_pair_both_ways_and_spoken_zero_shot(trimodal):
+  final = json.load(open(os.path.join(trimodal, 'final_metrics.json')))
+  for direction in ('i2t', 't2i', 'i2a', 'a2i', 't2a', 'a2t'):
+    for k in (1, 5, 10):
+      assert 0.0 <= final[f'retrieval/{direction}_r{k}'] <= 1.0, final
+  assert final['retrieval/num_audio'] == final['retrieval/num_image'] == 64
+  assert final['retrieval/num_text'] == 5 * 64
+  for prompts in ('text', 'audio'):
+    assert final[f'zeroshot_{prompts}/num_examples'] > 0
+    assert 0.0 <= final[f'zeroshot_{prompts}/accuracy'] <= 1.0
+  config = json.load(open(os.path.join(trimodal, 'config.json')))
+  assert config['model']['towers']['audio']['type'] == 'ast'
+
+
+def test_spoken_vqa_from_the_trimodal_run_answers_with_and_without_the_image(
+    trimodal, data_dir, tmp_path):
+  workdir = tmp_path / 'vqa'
+  run = cli(f'shapes_spoken_vqa.py:smoke,init={trimodal},modality_dropout=0.3', workdir, data_dir,
+            '--config.total_steps=20')
+  assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+  final = json.load(open(workdir / 'final_metrics.json'))
+  for name in ('vqa', 'vqa_no_image'):
+    assert final[f'{name}/num_questions'] == 64        # one spoken question per test scene
+    assert 0.0 <= final[f'{name}/accuracy'] <= 1.0

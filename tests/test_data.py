@@ -154,7 +154,7 @@ def test_unknown_and_unprepared_datasets_error_clearly(config, tmp_path):
     sources.get_builder(config.data)
 
   config.data.name, config.data.builder_config = 'mmfusion_shapes', 'huge'
-  with pytest.raises(ValueError, match=r"'huge'.*\['default', 'tiny'\]"):
+  with pytest.raises(ValueError, match=r"'huge'.*\['default', 'spoken', 'spoken_tiny', 'tiny'\]"):
     sources.get_builder(config.data)
 
 
@@ -218,11 +218,15 @@ def test_from_raw_matches_the_eval_view(source):
 
 
 def test_unknown_and_eval_only_inputs_error_clearly(config, source):
-  with pytest.raises(ValueError, match=r"inputs names \['audio'\]; known inputs: .*'image'"):
-    ops.build(source, ['image', 'audio'])
-  config.data.inputs = ('image', 'audio')
-  with pytest.raises(ValueError, match=r"inputs names \['audio'\]"):
+  with pytest.raises(ValueError, match=r"inputs names \['infrared'\]; known inputs: .*'image'"):
+    ops.build(source, ['image', 'infrared'])
+  config.data.inputs = ('image', 'infrared')
+  with pytest.raises(ValueError, match=r"inputs names \['infrared'\]"):
     ops.training_spec(config, BATCH)
+  # A known input whose feature the dataset lacks fails naming the feature and the dataset.
+  with pytest.raises(ValueError, match=r"'audio', which reads features \['speech'\]; dataset "
+                                       r'mmfusion_shapes/tiny has'):
+    ops.build(source, ['image', 'audio'])
   config.data.inputs = ('image', 'objects')
   with pytest.raises(ValueError, match="'objects' is for evaluation only"):
     ops.training_spec(config, BATCH)

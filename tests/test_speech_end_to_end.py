@@ -48,3 +48,13 @@ def test_spoken_vqa_from_the_trimodal_run_answers_with_and_without_the_image(
   for name in ('vqa', 'vqa_no_image'):
     assert final[f'{name}/num_questions'] == 64        # one spoken question per test scene
     assert 0.0 <= final[f'{name}/accuracy'] <= 1.0
+
+
+def test_speech_clip_trains_image_and_speech_without_text(data_dir, tmp_path):
+  run = cli('shapes_speech_clip.py:smoke', tmp_path / 'speech_clip', data_dir,
+            '--config.total_steps=10')
+  assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+  final = json.load(open(tmp_path / 'speech_clip' / 'final_metrics.json'))
+  assert {k for k in final if k.startswith('retrieval/') and k.endswith('_r1')} == {
+      'retrieval/i2a_r1', 'retrieval/a2i_r1'}
+  assert 'zeroshot_audio/accuracy' in final and 'zeroshot_text/accuracy' not in final

@@ -1,7 +1,9 @@
 """The embedded dataset `mmfusion_shapes`: coloured shapes with captions, rendered locally.
 
 It owns the renderer (`render_example`, pure numpy) and the TFDS builder around it; it is
-also the template for adding your own TFDS dataset to mmfusion (see below).
+also the template for adding your own TFDS dataset to mmfusion (see below). Its configs
+`spoken` and `spoken_tiny` add speech: a caption and a question of each scene, spoken
+(data/spoken.py).
 
 Adding your own dataset
 -----------------------

@@ -19,7 +19,11 @@ probability P in training, replaced by the fusion's learned 'missing' token); `s
 Evaluated on the test split's spoken questions (1000, one per scene), with the image and with
 the image absent (evals vqa and vqa_no_image).
 
-Result: see the README's "Speech" section (measured on 2 CPU cores).
+Result (2-core CPU, 2026-12-02, from configs/shapes_trimodal.py's checkpoint, 900 steps of 256;
+each run shared the CPU with tests, so no wall time is quoted): accuracy 0.757 on the 1000
+held-out spoken questions (0.746 at step 300, 0.768 at 600), 0.367 with the image absent;
+`:questions=text`, the same budget: 0.851 on the 5000 written test questions (blind majority
+baseline 0.389); `:modality_dropout=0.3`: 0.775 with the image, 0.373 without it.
 """
 from mmfusion import config as mmf_config
 from mmfusion.models.fusion import STRATEGIES

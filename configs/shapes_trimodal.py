@@ -31,6 +31,7 @@ R@5 / R@10:
   its one spoken caption, the scene's full description: the best any model can do is 0.87 for
   image->text, 0.80 for image->speech and speech->image, 0.67 for text->image (identical
   descriptions of different scenes tie).
+  MFCC_DOC
 `:emergent,steps=800` (10 min 31 s; image-text and image-speech only): speech->text R@1 / R@10
   = 0.500 / 0.943, text->speech 0.302 / 0.894, where chance is 0.001 / 0.010 (R@10 94x and 89x
   chance); trained directly (above): 0.688 / 0.989 and 0.435 / 0.938. Its other pairs: i->t
@@ -42,8 +43,9 @@ R@5 / R@10:
 from mmfusion import config as mmf_config
 
 # The image-speech pair weighs double: speech is learned from scratch from one spoken caption
-# per scene (text has five). With a weight of 1, image->speech R@1 was 0.89 x image->text
-# (0.525 vs 0.591), with 2 it is 0.94 x (0.533 vs 0.570); 2026-12-02, same data and steps.
+# per scene (text has five). On an earlier render of the same data (before eSpeak was seeded
+# per utterance), a weight of 1 gave image->speech R@1 0.89 x image->text (0.525 vs 0.591),
+# a weight of 2 0.94 x (0.533 vs 0.570); 2026-12-02, same steps.
 PAIRS = (('image', 'text', 1.0), ('image', 'audio', 2.0), ('text', 'audio', 0.5))
 EMERGENT_PAIRS = (('image', 'text', 1.0), ('image', 'audio', 2.0))
 

@@ -16,8 +16,8 @@ values are zeroed on the way in, so no output (padded positions included) depend
 
 `config.model.fusion = dict(strategy=..., ...)` takes that strategy's keys only (`OPTIONS`);
 `build` makes the module from it, `Classifier` is the head every fused classification task uses.
-(One file of ~480 lines on purpose: the six strategies are methods of one module over one
-output contract, and read best side by side.)
+(One file of ~550 lines on purpose: the six strategies are methods of one module over one
+output contract, share the missing-modality stand-ins, and read best side by side.)
 """
 from __future__ import annotations
 

@@ -31,10 +31,4 @@ def get_config(arg=None):
   pairs = (('image', 'audio', 1.0),)
   config.objectives = {'softmax_contrastive': dict(weight=1.0, pairs=pairs)}
   config.evals = shapes_trimodal.speech_evals(pairs)
-  config.total_steps = arg.steps
-  config.optim.update(lr=1e-3, warmup_steps=100)
-  config.checkpoint.every = 400
-  if arg.smoke:
-    mmf_config.smoke(config)
-    config.data.builder_config = 'spoken_tiny'
-  return mmf_config.lock(config)
+  return shapes_trimodal.schedule(config, arg.steps, arg.smoke)

@@ -73,6 +73,17 @@ def speech_evals(pairs, split: str = 'test') -> dict:
   return evals
 
 
+def schedule(config, steps: int, smoke: bool):
+  """The contrastive speech configs' schedule (and `smoke`: the tiny spoken dataset), locked."""
+  config.total_steps = steps
+  config.optim.update(lr=1e-3, warmup_steps=100)
+  config.checkpoint.every = 400
+  if smoke:
+    mmf_config.smoke(config)
+    config.data.builder_config = 'spoken_tiny'
+  return mmf_config.lock(config)
+
+
 def get_config(arg=None):
   arg = mmf_config.parse_arg(arg, emergent=False, features='log_mel', steps=1200, smoke=False)
   config = mmf_config.base()
@@ -83,10 +94,4 @@ def get_config(arg=None):
   config.objectives = {'softmax_contrastive': dict(weight=1.0, pairs=pairs)}
   # Speech-text is always evaluated: with `emergent` it is the pair that was never trained.
   config.evals = speech_evals(PAIRS)
-  config.total_steps = arg.steps
-  config.optim.update(lr=1e-3, warmup_steps=100)
-  config.checkpoint.every = 400
-  if arg.smoke:
-    mmf_config.smoke(config)
-    config.data.builder_config = 'spoken_tiny'
-  return mmf_config.lock(config)
+  return schedule(config, arg.steps, arg.smoke)

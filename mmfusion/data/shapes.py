@@ -130,21 +130,33 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
   return shade[..., None] + tint
 
 
-def _paint(image: np.ndarray, obj: dict[str, Any], rgb: np.ndarray) -> None:
-  """Alpha-blends one object into `image` in place, coverage from the signed distance.
-
-  Only the object's bounding box (plus a pixel for the anti-aliased edge) is touched.
-  """
-  size = image.shape[0]
+def _coverage(obj: dict[str, Any], size: int) -> tuple[slice, slice, np.ndarray]:
+  """How much of each pixel one object covers, float32 in [0, 1] from its signed distance
+  (analytic anti-aliasing), over its bounding box plus a pixel: (rows, cols, alpha [h, w])."""
   half = obj['extent'] * size + 1.5
   x0, x1 = max(int(obj['x'] * size - half), 0), min(int(obj['x'] * size + half) + 1, size)
   y0, y1 = max(int(obj['y'] * size - half), 0), min(int(obj['y'] * size + half) + 1, size)
   dx = (np.arange(x0, x1, dtype=np.float32)[None, :] + 0.5) / size - obj['x']
   dy = (np.arange(y0, y1, dtype=np.float32)[:, None] + 0.5) / size - obj['y']
   sdf_px = _signed_distance(obj['shape'], dx, dy, obj['radius']) * size
-  alpha = np.clip(0.5 - sdf_px, 0.0, 1.0)[..., None]      # analytic anti-aliasing
-  patch = image[y0:y1, x0:x1]
-  patch += alpha * (rgb - patch)
+  return slice(y0, y1), slice(x0, x1), np.clip(0.5 - sdf_px, 0.0, 1.0)
+
+
+def _paint(image: np.ndarray, obj: dict[str, Any], rgb: np.ndarray) -> None:
+  """Alpha-blends one object into `image` in place; only its bounding box is touched."""
+  rows, cols, alpha = _coverage(obj, image.shape[0])
+  patch = image[rows, cols]
+  patch += alpha[..., None] * (rgb - patch)
+
+
+def object_masks(objects: list[dict[str, Any]], size: int) -> np.ndarray:
+  """float32 [num_objects, S, S]: each object's pixel coverage (what the pointing game scores
+  heat-maps against, mmfusion/pointing.py)."""
+  masks = np.zeros((len(objects), size, size), np.float32)
+  for mask, obj in zip(masks, objects):
+    rows, cols, alpha = _coverage(obj, size)
+    mask[rows, cols] = alpha
+  return masks
 
 
 # ------------------------------------------------------------------------------- layout
@@ -283,7 +295,8 @@ def render_example(rng: np.random.Generator, image_size: int) -> dict[str, Any]:
   Returns a dict with `image` uint8 [S, S, 3], `label` (index into CLASS_NAMES of the
   primary object), `num_objects`, `objects` (list of dicts: shape, colour, size names,
   x, y centre in [0, 1], y downwards), `relation` (of object 0 to object 1, or None),
-  `captions` (NUM_CAPTIONS strings), `questions` and `answers` (NUM_QUESTIONS each).
+  `captions` (NUM_CAPTIONS strings), `questions` and `answers` (NUM_QUESTIONS each), and
+  `masks` float32 [num_objects, S, S], each object's pixel coverage (not a dataset feature).
   """
   objects, relation = _sample_objects(rng)
   image = _background(rng, image_size)
@@ -306,6 +319,7 @@ def render_example(rng: np.random.Generator, image_size: int) -> dict[str, Any]:
       captions=list(captions),
       questions=list(questions),
       answers=answers,
+      masks=object_masks(objects, image_size),
   )
 
 
@@ -450,6 +464,6 @@ class MmfusionShapes(tfds.core.GeneratorBasedBuilder):
     for index in range(config.num_examples(split)):
       rng = np.random.default_rng([config.seed, split_id, index])
       example = render_example(rng, config.image_size)
-      del example['relation']   # in the captions and questions; not a feature
+      del example['relation'], example['masks']   # not features (relation: in the captions)
       example['image'] = encode_png(example['image'])
       yield index, example

@@ -94,6 +94,10 @@ class Tokenizer:
     mask = np.arange(max_len)[None, :] < lengths[:, None]
     return ids, mask
 
+  def pieces(self, ids: Sequence[int]) -> list[str]:
+    """One row of ids -> its sentencepiece pieces ('▁red', '</s>'): labels for per-token plots."""
+    return [self._sp.id_to_piece(int(i)) for i in ids]
+
   def decode(self, ids: np.ndarray | Sequence[Sequence[int]]) -> list[str]:
     """ids [N, L] (or one row [L]) -> N texts; each stops at its first EOS."""
     rows = np.atleast_2d(np.asarray(ids))

@@ -70,10 +70,7 @@ class ZeroShot(common.Evaluator):
       self._prompt_inputs[key] = self.raw_inputs(self.prompt_modality, self.prompts(class_names))
     emb = common.embed_inputs(self, self._embed_prompts, params, self._prompt_inputs[key],
                               self.batch_size)
-    emb = emb.reshape(len(class_names), len(self.templates), -1).mean(axis=1)
-    # Averaging unit vectors shrinks them by how much the templates disagree; without the
-    # re-normalisation, classes with consistent prompts would win the argmax by norm alone.
-    return emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+    return ensemble(emb, len(class_names), len(self.templates))
 
   def run(self, params: common.Params) -> Iterator[tuple[str, float]]:
     names = self.source.class_names()
@@ -93,3 +90,13 @@ class ZeroShot(common.Evaluator):
     yield 'accuracy', metrics.accuracy(pred, rows['label'])
     yield 'macro_f1', metrics.macro_f1(pred, rows['label'], len(names))
     yield 'num_examples', float(num_examples)
+
+
+def ensemble(prompt_embeddings: np.ndarray, num_classes: int, num_templates: int) -> np.ndarray:
+  """[C * T, D] class-major prompt embeddings -> [C, D]: the mean over templates, re-normalised.
+
+  Averaging unit vectors shrinks them by how much the templates disagree; without the
+  re-normalisation, classes with consistent prompts would win the argmax by norm alone.
+  """
+  emb = prompt_embeddings.reshape(num_classes, num_templates, -1).mean(axis=1)
+  return emb / np.linalg.norm(emb, axis=-1, keepdims=True)

@@ -167,24 +167,32 @@ def _as_4d(mask: Array) -> Array:
   return mask.astype(jnp.bool_).reshape((1,) * (4 - mask.ndim) + mask.shape)
 
 
-def explicit_attention(q_bqhd: Array, k_bkhd: Array, v_bkhd: Array,
-                       mask: Array | None) -> tuple[Array, Array]:
-  """softmax(q k^T / sqrt(d)) v computed in plain jnp, at least in float32: (output [B,Lq,H,D],
-  weights [B,H,Lq,Lk]). `mask` (bool, broadcastable to [B,H,Lq,Lk], True = may attend): masked
-  weights are exactly 0, and a row with no key to attend to gives zeros, never NaN."""
+def attention_weights(q_bqhd: Array, k_bkhd: Array, mask: Array | None) -> Array:
+  """softmax(q k^T / sqrt(d)) in plain jnp, at least in float32: weights [B,H,Lq,Lk]. `mask`
+  (bool, broadcastable to [B,H,Lq,Lk], True = may attend): masked weights are exactly 0, and a
+  row with no key to attend to is all zeros, never NaN."""
   scale = q_bqhd.shape[-1] ** -0.5
   acc_dtype = jnp.promote_types(q_bqhd.dtype, jnp.float32)
   logits_bhqk = jnp.einsum('bqhd,bkhd->bhqk', q_bqhd, k_bkhd,
                            preferred_element_type=acc_dtype) * scale
   if mask is None:
-    weights_bhqk = jax.nn.softmax(logits_bhqk, axis=-1)
-  else:
-    logits_bhqk = jnp.where(mask, logits_bhqk, jnp.finfo(acc_dtype).min)
-    # `where` after the softmax makes masked weights exactly 0, and turns the uniform
-    # weights of a fully-masked row into zeros (never NaN: the row max is finite).
-    weights_bhqk = jnp.where(mask, jax.nn.softmax(logits_bhqk, axis=-1), 0.0)
-  out_bqhd = jnp.einsum('bhqk,bkhd->bqhd', weights_bhqk.astype(v_bkhd.dtype), v_bkhd)
-  return out_bqhd, weights_bhqk
+    return jax.nn.softmax(logits_bhqk, axis=-1)
+  logits_bhqk = jnp.where(mask, logits_bhqk, jnp.finfo(acc_dtype).min)
+  # `where` after the softmax makes masked weights exactly 0, and turns the uniform
+  # weights of a fully-masked row into zeros (never NaN: the row max is finite).
+  return jnp.where(mask, jax.nn.softmax(logits_bhqk, axis=-1), 0.0)
+
+
+def attend(weights_bhqk: Array, v_bkhd: Array) -> Array:
+  """The weighted sum of values: [B,Lq,H,D]."""
+  return jnp.einsum('bhqk,bkhd->bqhd', weights_bhqk.astype(v_bkhd.dtype), v_bkhd)
+
+
+def explicit_attention(q_bqhd: Array, k_bkhd: Array, v_bkhd: Array,
+                       mask: Array | None) -> tuple[Array, Array]:
+  """(output [B,Lq,H,D], weights [B,H,Lq,Lk]) of `attention_weights` and `attend`."""
+  weights_bhqk = attention_weights(q_bqhd, k_bkhd, mask)
+  return attend(weights_bhqk, v_bkhd), weights_bhqk
 
 
 class HeadsDense(nn.Module):
@@ -248,7 +256,8 @@ class MultiHeadAttention(nn.Module):
   stack.attention_impl: 'xla' / 'cudnn' run `jax.nn.dot_product_attention` (cudnn = flash
     attention on GPU; it supports a subset of shapes and dtypes). 'explicit' computes
     softmax(q k^T / sqrt(d)) itself (`explicit_attention`) and can `sow` the weights
-    [B, heads, Lq, Lk] into 'intermediates/attention_weights' when `stack.sow_weights` is on.
+    [B, heads, Lq, Lk] into 'intermediates/attention_weights' when `stack.sow_weights` is on
+    (and then also takes a 'perturbations' entry of the same name: see mmfusion/explain.py).
   The width is the input's; the number of heads is `stack.num_heads`.
   """
   stack: StackOptions
@@ -286,9 +295,14 @@ class MultiHeadAttention(nn.Module):
     mask = None if mask is None else _as_4d(mask)
     if self.stack.attention_impl == 'explicit':
       full_mask = self._full_mask(mask, q_bqhd.shape[1], k_bkhd.shape[1])
-      out_bqhd, weights_bhqk = explicit_attention(q_bqhd, k_bkhd, v_bkhd, full_mask)
+      weights_bhqk = attention_weights(q_bqhd, k_bkhd, full_mask)
       if self.stack.sow_weights:
         self.sow('intermediates', 'attention_weights', weights_bhqk)
+        # A zero added to the weights ('perturbations'): the gradient of any output w.r.t.
+        # it is the gradient w.r.t. the attention weights, which relevance methods need
+        # (mmfusion/explain.py). Without that collection the weights pass unchanged.
+        weights_bhqk = self.perturb('attention_weights', weights_bhqk)
+      out_bqhd = attend(weights_bhqk, v_bkhd)
     else:
       out_bqhd = jax.nn.dot_product_attention(
           q_bqhd, k_bkhd, v_bkhd, mask=mask, is_causal=self.causal,
@@ -406,7 +420,7 @@ class Encoder(nn.Module):
     if stack.scan_layers and stack.depth:
       scanned = nn.scan(
           block_cls, length=stack.depth,
-          variable_axes={'params': 0, 'intermediates': 0},
+          variable_axes={'params': 0, 'intermediates': 0, 'perturbations': 0},
           split_rngs={'params': True, 'dropout': True},
           in_axes=(nn.broadcast, nn.broadcast),
           metadata_params={nn.PARTITION_NAME: 'layers'})

@@ -27,9 +27,14 @@ setuptools.setup(
         # Speaking the spoken datasets: eSpeak NG 1.52 as a shared library (GPL-3.0), loaded
         # at render time only (mmfusion/data/tts.py).
         "speech": ["espeakng-loader>=0.2.4,<0.3"],
-        # pocketsphinx (BSD-2-Clause) only for the ASR check of the spoken data.
+        # The notebooks in colabs/ (plots, inline figures); mmfusion.notebook needs them.
+        "explore": ["matplotlib>=3.8", "ipython>=8"],
+        # pocketsphinx (BSD-2-Clause) only for the ASR check of the spoken data; jupytext,
+        # nbclient and ipykernel execute the notebooks headless.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100",
-                 "espeakng-loader>=0.2.4,<0.3", "pocketsphinx>=5.0,<6"],
+                 "espeakng-loader>=0.2.4,<0.3", "pocketsphinx>=5.0,<6",
+                 "matplotlib>=3.8", "ipython>=8", "jupytext>=1.16", "nbclient>=0.10",
+                 "nbformat>=5.9", "ipykernel>=6.29"],
         # Only the open_clip peer of benchmarks/train_step.py; nothing else imports them.
         "bench": ["torch", "open_clip_torch"],
     },

@@ -1,0 +1,125 @@
+"""What the notebooks in colabs/ share: training a run from a notebook (the real CLI in a
+subprocess) with a live loss plot, image grids, heat-map overlays and spectrogram plots.
+
+Needs matplotlib (the `explore` extra). Nothing here is used by training or evaluation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def has_checkpoint(workdir: str) -> bool:
+  root = os.path.join(workdir, 'checkpoints')
+  return os.path.isdir(root) and any(d.isdigit() for d in os.listdir(root))
+
+
+def read_metrics(workdir: str) -> list[dict[str, float]]:
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except ValueError:      # a line being written
+        break
+  return rows
+
+
+def train(config: str, workdir: str, *overrides: str, live_plot: bool = True,
+          metric: str = 'loss', refresh_s: float = 2.0) -> dict[str, float]:
+  """Runs `python -m mmfusion.main --config configs/<config> --workdir <workdir> <overrides>`
+  (resuming if the workdir has a checkpoint) and returns its final metrics. With live_plot,
+  the training `metric` is redrawn from the run's metrics.jsonl while it trains."""
+  config_path = config if os.path.isabs(config) else os.path.join(ROOT, 'configs', config)
+  cmd = [sys.executable, '-m', 'mmfusion.main', f'--config={config_path}',
+         f'--workdir={workdir}', *overrides]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', PYTHONUNBUFFERED='1')
+  log_path = os.path.join(os.path.abspath(workdir) + '.log')
+  os.makedirs(os.path.dirname(log_path) or '.', exist_ok=True)
+  start = time.time()
+  with open(log_path, 'w') as log:
+    process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    while process.poll() is None:
+      time.sleep(refresh_s)
+      if live_plot:
+        _draw_live(read_metrics(workdir), metric, f'{config} — {time.time() - start:.0f} s')
+  with open(log_path) as f:
+    output = f.read()
+  if process.returncode:
+    tail = '\n'.join(l for l in output.splitlines() if '\r' not in l)[-3000:]
+    raise RuntimeError(f'training failed (exit {process.returncode}); log {log_path}:\n{tail}')
+  if live_plot:
+    _draw_live(read_metrics(workdir), metric, f'{config} — done in {time.time() - start:.0f} s')
+  final = os.path.join(workdir, 'final_metrics.json')
+  return json.load(open(final)) if os.path.exists(final) else {}
+
+
+def _draw_live(rows: list[dict[str, float]], metric: str, title: str) -> None:
+  import matplotlib.pyplot as plt
+  from IPython import display
+  points = [(r['step'], r[metric]) for r in rows if metric in r and 'step' in r]
+  display.clear_output(wait=True)
+  fig, ax = plt.subplots(figsize=(5, 3))
+  if points:
+    ax.plot(*zip(*points))
+  ax.set(xlabel='step', ylabel=metric, title=title)
+  display.display(fig)
+  plt.close(fig)
+
+
+def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] | None = None, *,
+               cols: int = 8, size: float = 1.6, path: str | None = None):
+  """A grid of images (uint8 or [0, 1] floats) with optional titles; saved to `path` if given."""
+  import matplotlib.pyplot as plt
+  rows = max(1, -(-len(images) // cols))
+  fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * size * 1.15), squeeze=False)
+  for i, ax in enumerate(axes.flat):
+    ax.axis('off')
+    if i < len(images):
+      ax.imshow(images[i])
+      if titles is not None:
+        ax.set_title(titles[i], fontsize=7)
+  fig.tight_layout()
+  if path:
+    fig.savefig(path, dpi=110, bbox_inches='tight')
+  return fig
+
+
+def overlay(ax, image: np.ndarray, heatmap: np.ndarray, title: str = '', alpha: float = 0.5):
+  """The image with a heat-map [rows, cols] stretched over it (nearest patches, no smoothing:
+  what the model resolves)."""
+  h, w = image.shape[:2]
+  ax.imshow(image)
+  ax.imshow(heatmap, cmap='jet', alpha=alpha, extent=(0, w, h, 0), interpolation='nearest',
+            vmin=0, vmax=max(float(heatmap.max()), 1e-6))
+  ax.set_title(title, fontsize=8)
+  ax.axis('off')
+
+
+def spectrogram(ax, features: np.ndarray, title: str = '', *, hop_s: float = 0.01,
+                ylabel: str = 'mel bin') -> None:
+  """Features [frames, bins] (log-mel or MFCC) as an image, time along x in seconds."""
+  frames, bins = features.shape
+  ax.imshow(features.T, origin='lower', aspect='auto', cmap='magma',
+            extent=(0, frames * hop_s, 0, bins))
+  ax.set(xlabel='seconds', ylabel=ylabel, title=title)
+
+
+def markdown_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  for row in rows:
+    lines.append('| ' + ' | '.join(f'{v:.3f}' if isinstance(v, float) else str(v)
+                                   for v in row) + ' |')
+  return '\n'.join(lines)

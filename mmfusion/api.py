@@ -159,7 +159,7 @@ class Run:
                      f'{sorted(self.config.model.heads) or "none"} (see configs/ for a config '
                      'that trains one).')
 
-  def _check_modality(self, modality: str, what: str) -> None:
+  def check_modality(self, modality: str, what: str) -> None:
     if modality not in self.config.model.towers:
       raise RunError(f'{what}: this run has no {modality!r} tower; it has {self.modalities}.')
 
@@ -167,7 +167,7 @@ class Run:
 
   def inputs(self, modality: str, values: Any) -> dict[str, np.ndarray]:
     """Plain values -> batch entries, by the modality's input op (the evaluation path's)."""
-    self._check_modality(modality, 'inputs')
+    self.check_modality(modality, 'inputs')
     if values is None or (hasattr(values, '__len__') and len(values) == 0):
       raise RunError(f'{modality}: the list of inputs is empty.')
     if isinstance(values, str):
@@ -188,7 +188,7 @@ class Run:
       self._jitted[key] = jax.jit(fn)
     return self._jitted[key]
 
-  def _batched(self, key: Any, fn: Callable[..., Any], entries: Mapping[str, np.ndarray]):
+  def batched(self, key: Any, fn: Callable[..., Any], entries: Mapping[str, np.ndarray]):
     """fn(params, chunk) over fixed-size chunks of entries (the last padded by repeating its
     final row); outputs concatenated on the host, padding dropped."""
     jitted = self.jit(key, fn)
@@ -208,7 +208,7 @@ class Run:
 
   def embed_entries(self, modality: str, entries: Mapping[str, np.ndarray]) -> np.ndarray:
     """Batch entries of one modality -> [N, D] float32 unit embeddings."""
-    return self._batched(('embed', modality), lambda params, batch: self.model.apply(
+    return self.batched(('embed', modality), lambda params, batch: self.model.apply(
         {'params': params}, batch, train=False)['embeddings'][modality], entries)
 
   def embed(self, **inputs: Any) -> dict[str, np.ndarray] | np.ndarray:
@@ -277,7 +277,7 @@ class Run:
       logits = self.model.apply({'params': params}, 'itm', self._encoded(params, batch, pair),
                                 method=type(self.model).fused_logits)
       return jax.nn.softmax(logits, axis=-1)[:, 1]
-    return self._batched(('match',), fn, entries)
+    return self.batched(('match',), fn, entries)
 
   def classify(self, inputs: Any) -> ZeroShotResult:
     """The classification head's predictions over the dataset's class names (a fine-tuned
@@ -289,7 +289,7 @@ class Run:
     def fn(params, batch):
       out = self.model.apply({'params': params}, batch, train=False)
       return jax.nn.softmax(out['classification']['logits'], axis=-1)
-    probs = self._batched(('classify',), fn, self.inputs(modality, inputs))
+    probs = self.batched(('classify',), fn, self.inputs(modality, inputs))
     return ZeroShotResult(np.argmax(probs, axis=1), probs, names)
 
   def caption(self, images: Any, *, decode: str = 'greedy', beam_size: int = 4,
@@ -309,7 +309,7 @@ class Run:
                                          max_len=dec.max_len)
       return decoder_lib.beam_search(dec, dec_params, enc.tokens, enc.mask, max_len=dec.max_len,
                                      beam_size=beam_size, length_penalty=length_penalty)[0]
-    ids = self._batched(('caption', decode, beam_size, length_penalty), fn,
+    ids = self.batched(('caption', decode, beam_size, length_penalty), fn,
                         self.inputs(context, images))
     return self.tokenizer.decode(ids)
 
@@ -331,7 +331,7 @@ class Run:
                                 method=type(self.model).fused_logits)
       return jnp.argmax(logits, axis=-1)
     answers = self.source.answers
-    return [answers[i] for i in self._batched(('answer',), fn, entries)]
+    return [answers[i] for i in self.batched(('answer',), fn, entries)]
 
   # -- heat-maps ---------------------------------------------------------------------------
 

@@ -219,8 +219,8 @@ def explain(run, method: str = 'chefer', *, target: str | None = None,
   run.explain('gradcam', image=images, text=captions)          # + per_token: one map per word
   run.explain('chefer', audio=waves, image=images)             # spectrogram patches
 
-  Inputs pair up (example i of each). target defaults to 'itm' for gradcam and for runs whose
-  cross-attention fusion reads the explained modality, else 'similarity'. layer: gradcam's
+  Inputs pair up (example i of each). target defaults to 'itm' for gradcam, else
+  'similarity' (what the pointing game finds most precise on both kinds of run). layer: gradcam's
   cross-attention layer; default the second from the top (ALBEF also reads one below the
   top: in the top layer only the fused cls row reaches the ITM head, so the word rows have no
   gradient; asked for explicitly, the top layer's map is the cls row's).
@@ -233,12 +233,9 @@ def explain(run, method: str = 'chefer', *, target: str | None = None,
   explained = next((m for m in given if m in ('image', 'audio')), given[0])
   other = next(m for m in given if m != explained)
   for m in given:
-    run._check_modality(m, 'explain')
-  fusion = dict(run.config.model.fusion)
+    run.check_modality(m, 'explain')
   if target is None:
-    reads = (fusion.get('strategy') == 'cross_attention' and fusion.get('context') == explained
-             and 'itm' in run.config.model.heads)
-    target = 'itm' if method == 'gradcam' or reads else 'similarity'
+    target = 'itm' if method == 'gradcam' else 'similarity'
   _check(run, method, target, explained, other)
   entries = {**run.inputs(explained, inputs[explained]), **run.inputs(other, inputs[other])}
   sizes = {len(v) for v in entries.values()}
@@ -249,7 +246,7 @@ def explain(run, method: str = 'chefer', *, target: str | None = None,
   fn = functools.partial(_explain_batch, model, method=method, target=target,
                          explained=explained, other=other, pool=_pool(run, explained),
                          layer=layer)
-  out = run._batched(('explain', method, target, explained, other, layer), fn, entries)
+  out = run.batched(('explain', method, target, explained, other, layer), fn, entries)
   grid = token_grid(run, explained, out['heatmap'].shape[-1])
   real = out.get('token_mask')
   heat = _normalise(out['heatmap'].reshape(-1, *grid),

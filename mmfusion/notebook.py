@@ -1,7 +1,9 @@
 """What the notebooks in colabs/ share: training a run from a notebook (the real CLI in a
-subprocess) with a live loss plot, image grids, heat-map overlays and spectrogram plots.
+subprocess) with a live loss plot, image grids, heat-map overlays and spectrogram plots; and
+running notebooks headless: `python -m mmfusion.notebook colabs/explain.ipynb [--small]`.
 
-Needs matplotlib (the `explore` extra). Nothing here is used by training or evaluation.
+Needs matplotlib (the `explore` extra; running headless: nbclient and ipykernel, the test
+extra). Nothing here is used by training or evaluation.
 """
 from __future__ import annotations
 
@@ -123,3 +125,53 @@ def markdown_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     lines.append('| ' + ' | '.join(f'{v:.3f}' if isinstance(v, float) else str(v)
                                    for v in row) + ' |')
   return '\n'.join(lines)
+
+
+def execute(path: str, out: str | None = None, *, small: bool = False,
+            timeout_s: int = 3600) -> float:
+  """Runs a notebook (.ipynb) headless to the end in a fresh kernel, from its own folder;
+  writes the executed copy to `out` if given. Returns the wall time in seconds. Needs
+  nbclient and ipykernel (the test extra)."""
+  import nbclient
+  import nbformat
+  notebook = nbformat.read(path, as_version=4)
+  if small:
+    os.environ['MMFUSION_NOTEBOOK_SMALL'] = '1'
+  start = time.time()
+  client = nbclient.NotebookClient(
+      notebook, timeout=timeout_s, kernel_name='python3',
+      resources={'metadata': {'path': os.path.dirname(os.path.abspath(path))}})
+  try:
+    client.execute()
+  finally:
+    if out:
+      nbformat.write(notebook, out)
+  return time.time() - start
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  import argparse
+  parser = argparse.ArgumentParser(
+      prog='python -m mmfusion.notebook',
+      description='Run notebooks of colabs/ headless (full mode unless --small).')
+  parser.add_argument('notebooks', nargs='+', help='e.g. colabs/quickstart.ipynb')
+  parser.add_argument('--small', action='store_true', help='small mode, as the tests run them')
+  parser.add_argument('--out', default='', help='a folder for the executed copies')
+  args = parser.parse_args(argv)
+  import nbclient.exceptions
+  for path in args.notebooks:
+    out = os.path.join(args.out, os.path.basename(path)) if args.out else None
+    if out:
+      os.makedirs(args.out, exist_ok=True)
+    try:
+      seconds = execute(path, out, small=args.small)
+    except (nbclient.exceptions.CellExecutionError, FileNotFoundError) as e:
+      print(f'{path}: failed: {str(e).strip().splitlines()[-1]}', file=sys.stderr)
+      return 1
+    print(f'{path}: ran to the end in {seconds:.0f} s' + (f' -> {out}' if out else ''),
+          flush=True)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

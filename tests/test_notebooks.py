@@ -51,15 +51,17 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize('name', NOTEBOOKS)
 def test_notebook_runs_headless_in_small_mode(name, runs, monkeypatch):
+  from mmfusion import notebook as notebook_lib
   runs_dir, data_dir = runs
   monkeypatch.setenv('MMFUSION_NOTEBOOK_SMALL', '1')
   monkeypatch.setenv('MMFUSION_RUNS', str(runs_dir))
   monkeypatch.setenv('MMFUSION_DATA_DIR', str(data_dir))
   monkeypatch.setenv('MPLBACKEND', 'Agg')
-  notebook = nbformat.read(os.path.join(COLABS, f'{name}.ipynb'), as_version=4)
-  client = nbclient.NotebookClient(notebook, timeout=600, kernel_name='python3',
-                                   resources={'metadata': {'path': COLABS}})
-  client.execute()
-  errors = [o for c in notebook.cells if c.cell_type == 'code' for o in c.outputs
+  executed = runs_dir / f'{name}.ipynb'
+  notebook_lib.execute(os.path.join(COLABS, f'{name}.ipynb'), str(executed), small=True,
+                       timeout_s=600)
+  cells = nbformat.read(str(executed), as_version=4).cells
+  errors = [o for c in cells if c.cell_type == 'code' for o in c.outputs
             if o.output_type == 'error']
   assert not errors
+  assert all(c.execution_count for c in cells if c.cell_type == 'code')

@@ -40,6 +40,7 @@ from mmfusion.evals import common
 from mmfusion.evals import zeroshot as zeroshot_lib
 from mmfusion.models import decoder as decoder_lib
 from mmfusion.models import model as model_lib
+from mmfusion.models import towers as towers_lib
 
 DEFAULT_TEMPLATES = ('a {}.',)
 
@@ -172,8 +173,6 @@ class Run:
       raise RunError(f'{modality}: the list of inputs is empty.')
     if isinstance(values, str):
       values = [values]
-    if modality == 'image':
-      values = [_image_array(v) for v in _as_list(values)]
     try:
       return self.source.op(modality).from_raw(values)
     except (ValueError, TypeError) as e:
@@ -219,8 +218,25 @@ class Run:
     out = {m: self.embed_entries(m, self.inputs(m, v)) for m, v in inputs.items()}
     return next(iter(out.values())) if len(out) == 1 else out
 
+  def reads_tokens(self, modality: str) -> bool:
+    """Whether the modality's tower reads token ids (its plain inputs are strings)."""
+    return towers_lib.tower_type(modality, self.config.model.towers[modality]).takes_tokens
+
+  def zeroshot_modalities(self) -> tuple[str, str]:
+    """(classified, prompts): the run's zero-shot evaluator's, else the first modality whose
+    tower does not read tokens and the first that does."""
+    for cfg in self.config.evals.values():
+      if cfg.get('type') == 'zeroshot':
+        return cfg['modality'], cfg['prompts']
+    plain = [m for m in self.modalities if not self.reads_tokens(m)]
+    tokens = [m for m in self.modalities if self.reads_tokens(m)]
+    if not plain or not tokens:
+      raise RunError(f'zeroshot: say modality= and prompt_modality= (this run has '
+                     f'{self.modalities}).')
+    return plain[0], tokens[0]
+
   def class_embeddings(self, class_names: Sequence[str], templates: Sequence[str],
-                       modality: str = 'text') -> np.ndarray:
+                       modality: str) -> np.ndarray:
     """[C, D]: each class's prompts embedded and ensembled as the zero-shot evaluator does."""
     if not len(class_names):
       raise RunError('zeroshot: class_names is empty.')
@@ -233,10 +249,14 @@ class Run:
     return zeroshot_lib.ensemble(emb, len(class_names), len(templates))
 
   def zeroshot(self, inputs: Any, class_names: Sequence[str], *,
-               prompts: Sequence[str] = DEFAULT_TEMPLATES, modality: str = 'image',
-               prompt_modality: str = 'text') -> ZeroShotResult:
+               prompts: Sequence[str] = DEFAULT_TEMPLATES, modality: str | None = None,
+               prompt_modality: str | None = None) -> ZeroShotResult:
     """Each input's nearest class, the class prompts written with each template of `prompts`
-    ('a photo of a {}.') and ensembled; `prompt_modality='audio'` speaks them."""
+    ('a photo of a {}.') and ensembled. Modalities default to `zeroshot_modalities()`; a
+    speech prompt modality speaks the prompts."""
+    default = self.zeroshot_modalities() if modality is None or prompt_modality is None else ()
+    modality = modality or default[0]
+    prompt_modality = prompt_modality or default[1]
     classes = self.class_embeddings(class_names, prompts, prompt_modality)
     emb = self.embed_entries(modality, self.inputs(modality, inputs))
     scores = emb.astype(np.float32) @ classes.T
@@ -244,10 +264,10 @@ class Run:
 
   def retrieve(self, query: Any, gallery: Any, k: int = 5, *, query_modality: str | None = None,
                gallery_modality: str | None = None) -> Retrieved:
-    """The k gallery items nearest each query. Modalities are guessed (strings are text,
-    images are image) unless given."""
-    qm = query_modality or _guess_modality(query, self.modalities)
-    gm = gallery_modality or _guess_modality(gallery, self.modalities)
+    """The k gallery items nearest each query. Modalities are guessed unless given: strings
+    go to the tower that reads tokens, anything else to the one that does not."""
+    qm = query_modality or _guess_modality(self, query)
+    gm = gallery_modality or _guess_modality(self, gallery)
     zq = self.embed_entries(qm, self.inputs(qm, query))
     zg = self.embed_entries(gm, self.inputs(gm, gallery))
     sim = zq @ zg.T
@@ -261,11 +281,13 @@ class Run:
     return {m: self.model.apply({'params': params}, m, batch[m], batch.get(f'{m}_mask'),
                                 method=type(self.model).encode) for m in modalities}
 
-  def match(self, images: Any, texts: Any) -> np.ndarray:
-    """[N] probability that image i matches text i (the ITM head, aligned pairs)."""
+  def match(self, first: Any, second: Any) -> np.ndarray:
+    """[N] probability that item i of `first` matches item i of `second` (the ITM head on
+    aligned pairs), in the order of config.model.heads.itm.pair: match(images, texts) for
+    every config here."""
     self.require_head('itm', 'match')
     pair = tuple(self.config.model.heads.itm.pair)
-    values = dict(zip(pair, (images, texts) if pair[0] == 'image' else (texts, images)))
+    values = dict(zip(pair, (first, second)))
     entries = {}
     for m, v in values.items():
       entries.update(self.inputs(m, v))
@@ -350,30 +372,12 @@ class Run:
     return examples_lib.read(self.source, split, n, keep_if)
 
 
-def _as_list(values: Any) -> list[Any]:
-  """Images [N, H, W, C] or a list of them -> a list; one image [H, W(, C)] -> [it]."""
-  if isinstance(values, np.ndarray) and values.dtype != object and values.ndim in (2, 3):
-    return [values]
-  if hasattr(values, 'convert') and hasattr(values, 'mode'):    # one PIL image
-    return [values]
-  return list(values)
-
-
-def _image_array(image: Any) -> np.ndarray:
-  """A PIL image or an array -> [H, W, C] array; RGBA loses its alpha, grey stays 1 channel."""
-  if hasattr(image, 'convert') and hasattr(image, 'mode'):      # PIL
-    image = image.convert('RGB') if image.mode not in ('L', 'RGB') else image
-  array = np.asarray(image)
-  if array.ndim == 3 and array.shape[-1] == 4:
-    array = array[..., :3]
-  return array
-
-
-def _guess_modality(values: Any, modalities: Sequence[str]) -> str:
+def _guess_modality(run: Run, values: Any) -> str:
+  """Strings: the one tower that reads tokens; anything else: the one that does not."""
   first = values if isinstance(values, str) else next(iter(values), None)
-  if isinstance(first, str) and 'text' in modalities:
-    return 'text'
-  if 'image' in modalities:
-    return 'image'
-  raise RunError('retrieve: say which modality the query and the gallery are in '
-                 f'(query_modality=, gallery_modality=; this run has {list(modalities)}).')
+  strings = isinstance(first, str)
+  found = [m for m in run.modalities if run.reads_tokens(m) == strings]
+  if len(found) != 1:
+    raise RunError('retrieve: say which modality the query and the gallery are in '
+                   f'(query_modality=, gallery_modality=; this run has {run.modalities}).')
+  return found[0]

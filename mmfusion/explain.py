@@ -213,7 +213,8 @@ def _check(run, method: str, target: str, explained: str, other: str) -> None:
 
 def explain(run, method: str = 'chefer', *, target: str | None = None,
             layer: int | None = None, **inputs: Any) -> Explanation:
-  """Heat-maps of the first given of image / audio (else the first given) against the other.
+  """Heat-maps over the patches of the first given modality whose tower does not read tokens
+  (an image, a spectrogram), against the other input.
 
   run.explain('chefer', image=images, text=phrases)           # image patches for each phrase
   run.explain('gradcam', image=images, text=captions)          # + per_token: one map per word
@@ -230,7 +231,7 @@ def explain(run, method: str = 'chefer', *, target: str | None = None,
   if len(given) != 2:
     raise RunError(f'explain: give two modalities (the explained one and the other), e.g. '
                    f'image=..., text=...; got {given}.')
-  explained = next((m for m in given if m in ('image', 'audio')), given[0])
+  explained = next((m for m in given if not run.reads_tokens(m)), given[0])
   other = next(m for m in given if m != explained)
   for m in given:
     run.check_modality(m, 'explain')
@@ -353,13 +354,14 @@ def _normalise(x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
 
 
 def token_grid(run, modality: str, num_tokens: int) -> tuple[int, int]:
-  """The (rows, cols) a modality's tokens fold to: an image's patch grid, a spectrogram's
-  (time, frequency) patches; anything else is one row."""
+  """The (rows, cols) a modality's tokens fold to: a spectrogram's (time, frequency) patches
+  (a tower with an audio front-end), an image's patch grid (a tower with a patch size);
+  anything else is one row."""
   tower = run.model.towers[modality]
-  if modality == 'image' or hasattr(tower, 'patch_size') and not hasattr(tower, 'frontend'):
-    side = run.config.data.image_size // tower.patch_size
-    return (num_tokens // side, side)
   if hasattr(tower, 'frontend'):
     num_freq = (tower.frontend.num_features - tower.patch_freq) // tower.strides[1] + 1
     return (num_tokens // num_freq, num_freq)
+  if hasattr(tower, 'patch_size'):
+    side = run.config.data.image_size // tower.patch_size
+    return (num_tokens // side, side)
   return (1, num_tokens)

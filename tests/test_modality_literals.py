@@ -19,6 +19,7 @@ ALLOWED = {
     'data/audio.py',    # the audio modality's input ops
     'data/spoken.py',   # the spoken configs of the embedded dataset
     'config.py',        # the defaults of the default (image-text) experiment
+    'pointing.py',      # the pointing game: the embedded dataset's images and their objects
 }
 NAMES_A_MODALITY = re.compile(r'(?<![A-Za-z])(image|text|audio)(?![A-Za-z])')
 

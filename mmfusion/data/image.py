@@ -112,12 +112,19 @@ class ImageOp(ops.Op):
     return {'image': normalize(to_unit_range(batch['image']))}
 
   def from_raw(self, values: Any) -> dict[str, np.ndarray]:
-    """Images [N, H, W, C] or a list of [H, W, C] (uint8, or float in [0, 1]; C = 1 or 3)."""
+    """Images [N, H, W, C] or a list of [H, W, C] or [H, W] arrays or PIL images (uint8, or
+    float in [0, 1]; C = 1, 3, or 4, whose alpha is dropped), or one such image, of any size."""
+    if _is_one_image(values):
+      values = [values]
     batch = []
     for image in values:
+      if hasattr(image, 'convert') and hasattr(image, 'mode'):      # PIL
+        image = image.convert('RGB') if image.mode not in ('L', 'RGB') else image
       image = np.asarray(image)
       if image.ndim == 2:
         image = image[..., None]
+      if image.ndim == 3 and image.shape[-1] == 4:
+        image = image[..., :3]
       if image.ndim != 3 or image.shape[-1] not in (1, 3):
         raise ValueError(f'an image must be [H, W, 1 or 3]; got shape {image.shape}')
       if image.dtype != np.uint8:
@@ -125,3 +132,11 @@ class ImageOp(ops.Op):
       image = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
       batch.append(resize_image(tf.constant(image), self.size))
     return {'image': self.eval({'image': tf.stack(batch)})['image'].numpy()}
+
+
+def _is_one_image(values: Any) -> bool:
+  """A PIL image, or an array [H, W] / [H, W, C<=4] rather than a batch of them."""
+  if hasattr(values, 'convert') and hasattr(values, 'mode'):
+    return True
+  return (isinstance(values, np.ndarray) and values.dtype != object
+          and (values.ndim == 2 or values.ndim == 3 and values.shape[-1] in (1, 3, 4)))

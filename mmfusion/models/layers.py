@@ -298,10 +298,12 @@ class MultiHeadAttention(nn.Module):
       weights_bhqk = attention_weights(q_bqhd, k_bkhd, full_mask)
       if self.stack.sow_weights:
         self.sow('intermediates', 'attention_weights', weights_bhqk)
-        # A zero added to the weights ('perturbations'): the gradient of any output w.r.t.
-        # it is the gradient w.r.t. the attention weights, which relevance methods need
-        # (mmfusion/explain.py). Without that collection the weights pass unchanged.
-        weights_bhqk = self.perturb('attention_weights', weights_bhqk)
+        if not self.is_initializing():
+          # A zero added to the weights ('perturbations'): the gradient of any output
+          # w.r.t. it is the gradient w.r.t. the attention weights, which relevance methods
+          # need (mmfusion/explain.py). Without that collection the weights pass unchanged;
+          # init never creates it (its shapes would tie the variables to one input length).
+          weights_bhqk = self.perturb('attention_weights', weights_bhqk)
       out_bqhd = attend(weights_bhqk, v_bkhd)
     else:
       out_bqhd = jax.nn.dot_product_attention(

@@ -77,12 +77,14 @@ finals[name] = notebook.train(variants[name][0], workdirs[name], *variants[name]
 # %% [markdown]
 # ## The image tower frozen
 # Only the classification head learns (`optax.multi_transform` keeps the frozen sub-tree's
-# update at zero): what the pretrained features alone are worth.
+# update at zero): what the pretrained features alone are worth. (Full mode only, like the
+# run from scratch below: small mode, what the tests run, trains one variant.)
 
 # %%
-name = 'frozen image tower'
-workdirs[name] = os.path.join(RUNS, f'finetune_frozen{suffix}')
-finals[name] = notebook.train(variants[name][0], workdirs[name], *variants[name][1])
+if not SMALL:
+  name = 'frozen image tower'
+  workdirs[name] = os.path.join(RUNS, 'finetune_frozen')
+  finals[name] = notebook.train(variants[name][0], workdirs[name], *variants[name][1])
 
 # %% [markdown]
 # ## From scratch, for reference (full mode only: it is the slowest to learn anything)

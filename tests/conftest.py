@@ -19,14 +19,6 @@ import pytest  # noqa: E402
 
 from tiny_data import make_config  # noqa: E402
 
-# Files that take minutes go first. pytest.ini hands whole files to the workers in collection
-# order, so a long file collected last would run alone at the end of the suite.
-LONG_FIRST = ('test_notebooks.py',)
-
-
-def pytest_collection_modifyitems(session, config, items):
-  items.sort(key=lambda item: item.path.name not in LONG_FIRST)   # stable: order kept within
-
 
 # -- the tiny dataset of the data tests (a module that needs another defines its own data_dir) --
 # jax and TensorFlow are imported inside the fixtures: a module-level import here would load

@@ -25,9 +25,9 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory, data_dir):
-  """A 60-step CLIP run (evaluated at the end) and the run loaded back through the API."""
+  """A 30-step CLIP run (evaluated at the end) and the run loaded back through the API."""
   workdir = tmp_path_factory.mktemp('clip')
-  done = cli('shapes_clip.py', workdir, data_dir, *SMALL, '--config.total_steps=60')
+  done = cli('shapes_clip.py', workdir, data_dir, *SMALL, '--config.total_steps=30')
   assert done.returncode == 0, done.stdout + done.stderr
   final = json.load(open(os.path.join(workdir, 'final_metrics.json')))
   return workdir, final, mmfusion.load_run(str(workdir), data_dir=str(data_dir))

@@ -56,7 +56,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import Markdown, display
 
-import mmfusion
 from mmfusion import notebook, pointing
 from mmfusion.models import frontend
 
@@ -64,10 +63,9 @@ RUNS = os.path.abspath(RUNS or os.path.join(notebook.ROOT, 'workdirs'))
 
 
 def open_run(config, name):
-  workdir = os.path.join(RUNS, f'{name}_smoke' if SMALL else name)
-  if not notebook.has_checkpoint(workdir):
-    notebook.train(f'{config}:smoke' if SMALL else config, workdir)
-  return mmfusion.load_run(workdir)
+  """The run `name` in RUNS (its small variant in small mode), trained first if need be."""
+  return notebook.open_run(f'{config}:smoke' if SMALL else config,
+                           os.path.join(RUNS, f'{name}_smoke' if SMALL else name))
 
 
 clip = open_run('shapes_clip.py', 'shapes_clip')        # contrastive towers only

@@ -44,7 +44,6 @@ RUNS = os.environ.get('MMFUSION_RUNS', '')
 
 # %%
 import matplotlib.pyplot as plt
-import numpy as np
 from IPython.display import Markdown, display
 
 import mmfusion
@@ -52,9 +51,8 @@ from mmfusion import notebook
 
 RUNS = os.path.abspath(RUNS or os.path.join(notebook.ROOT, 'workdirs'))
 suffix = '_smoke' if SMALL else ''
-pretrained = os.path.join(RUNS, f'shapes_clip{suffix}')
-if not notebook.has_checkpoint(pretrained):
-  notebook.train('shapes_clip.py:smoke' if SMALL else 'shapes_clip.py', pretrained)
+pretrained = notebook.trained('shapes_clip.py:smoke' if SMALL else 'shapes_clip.py',
+                              os.path.join(RUNS, f'shapes_clip{suffix}'))
 
 # %% [markdown]
 # ## Every parameter trained

@@ -79,9 +79,7 @@ from mmfusion.models import model as model_lib
 
 RUNS = os.path.abspath(RUNS or os.path.join(notebook.ROOT, 'workdirs'))
 albef_workdir = os.path.join(RUNS, 'shapes_albef_smoke' if SMALL else 'shapes_albef')
-if not notebook.has_checkpoint(albef_workdir):
-  notebook.train('shapes_albef.py:smoke' if SMALL else 'shapes_albef.py', albef_workdir)
-mmfusion.load_run(albef_workdir)
+notebook.open_run('shapes_albef.py:smoke' if SMALL else 'shapes_albef.py', albef_workdir)
 
 # %% [markdown]
 # Each strategy's run is trained once (the real CLI in a subprocess, a live loss plot) and
@@ -94,17 +92,12 @@ mmfusion.load_run(albef_workdir)
 STRATEGIES = ('cross_attention',) if SMALL else fusion_lib.STRATEGIES
 workdirs, metrics = {}, {}
 for s in STRATEGIES:
-  workdirs[s] = os.path.join(RUNS, f'fusion_smoke_{s}' if SMALL else f'fusion_200_{s}')
-  if not notebook.has_checkpoint(workdirs[s]):
-    steps = 'smoke' if SMALL else 'steps=200'
-    notebook.train(f'shapes_vqa.py:strategy={s},fusion=fresh,{steps},init={albef_workdir}',
-                   workdirs[s])
-  final = os.path.join(workdirs[s], 'final_metrics.json')
-  # A run stopped before its end has a checkpoint but no final metrics: train() resumes it.
-  metrics[s] = {}
-  if os.path.exists(final):
-    with open(final) as f:
-      metrics[s] = json.load(f)
+  steps = 'smoke' if SMALL else 'steps=200'
+  workdirs[s] = notebook.trained(
+      f'shapes_vqa.py:strategy={s},fusion=fresh,{steps},init={albef_workdir}',
+      os.path.join(RUNS, f'fusion_smoke_{s}' if SMALL else f'fusion_200_{s}'))
+  with open(os.path.join(workdirs[s], 'final_metrics.json')) as f:
+    metrics[s] = json.load(f)
 
 runs = {s: mmfusion.load_run(w) for s, w in workdirs.items()}
 

@@ -47,9 +47,9 @@ import mmfusion
 from mmfusion import notebook
 
 RUNS = os.path.abspath(RUNS or os.path.join(notebook.ROOT, 'workdirs'))
-workdir = os.path.join(RUNS, 'shapes_clip_smoke' if SMALL else 'shapes_clip')
-if not notebook.has_checkpoint(workdir):
-  notebook.train('shapes_clip.py:smoke' if SMALL else 'shapes_clip.py', workdir)
+# Trained here first (the real CLI, a live loss plot) unless the run has finished already.
+workdir = notebook.trained('shapes_clip.py:smoke' if SMALL else 'shapes_clip.py',
+                           os.path.join(RUNS, 'shapes_clip_smoke' if SMALL else 'shapes_clip'))
 run = mmfusion.load_run(workdir)
 run
 

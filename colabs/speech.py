@@ -69,22 +69,18 @@ import IPython.display as ipd
 import matplotlib.pyplot as plt
 import numpy as np
 
-import mmfusion
 from mmfusion import notebook
 
 RUNS = os.path.abspath(RUNS or os.path.join(notebook.ROOT, 'workdirs'))
 trimodal_workdir = os.path.join(RUNS, 'shapes_trimodal_smoke' if SMALL else 'shapes_trimodal')
-if not notebook.has_checkpoint(trimodal_workdir):
-  notebook.train('shapes_trimodal.py:smoke' if SMALL else 'shapes_trimodal.py', trimodal_workdir)
-run = mmfusion.load_run(trimodal_workdir)
+run = notebook.open_run('shapes_trimodal.py:smoke' if SMALL else 'shapes_trimodal.py',
+                        trimodal_workdir)
 run
 
 # %%
 vqa_workdir = os.path.join(RUNS, 'shapes_spoken_vqa_smoke' if SMALL else 'shapes_spoken_vqa')
-if not notebook.has_checkpoint(vqa_workdir):
-  notebook.train(f'shapes_spoken_vqa.py:smoke,init={trimodal_workdir}' if SMALL else
-                 f'shapes_spoken_vqa.py:steps=300,init={trimodal_workdir}', vqa_workdir)
-run_vqa = mmfusion.load_run(vqa_workdir)
+run_vqa = notebook.open_run(f'shapes_spoken_vqa.py:smoke,init={trimodal_workdir}' if SMALL else
+                            f'shapes_spoken_vqa.py:steps=300,init={trimodal_workdir}', vqa_workdir)
 run_vqa
 
 # %% [markdown]

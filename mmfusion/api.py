@@ -19,6 +19,7 @@ shape and a split embedded here gives the evaluators' numbers exactly:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -142,6 +143,14 @@ class Run:
             f'{sorted(self.config.model.heads)})')
 
   # -- what the run has -------------------------------------------------------------------
+
+  @functools.cached_property
+  def sowing_model(self) -> model_lib.MultimodalModel:
+    """The same model built to sow its attention weights, for explain() (same params; remat
+    off, which changes no maths)."""
+    config = self.config.model.to_dict()
+    config['remat'] = 'none'
+    return model_lib.build(config, self.vocab_size, sow_attention=True)
 
   @property
   def modalities(self) -> list[str]:

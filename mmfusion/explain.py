@@ -243,7 +243,7 @@ def explain(run, method: str = 'chefer', *, target: str | None = None,
   if len(sizes) != 1:
     raise RunError(f'explain: give as many {other} inputs as {explained} inputs (pairs).')
 
-  model = _sowing_model(run)
+  model = run.sowing_model
   fn = functools.partial(_explain_batch, model, method=method, target=target,
                          explained=explained, other=other, pool=_pool(run, explained),
                          layer=layer)
@@ -257,15 +257,6 @@ def explain(run, method: str = 'chefer', *, target: str | None = None,
     per_token = _normalise(per_token.reshape(*per_token.shape[:2], *grid),
                            None if real is None else real.reshape(-1, 1, *grid))
   return Explanation(method, target, explained, heat, per_token, out.get('query_mask'))
-
-
-def _sowing_model(run):
-  """The run's model built to sow its attention (same params; remat off: it changes no maths)."""
-  if getattr(run, '_sowing', None) is None:
-    config = run.config.model.to_dict()
-    config['remat'] = 'none'
-    run._sowing = model_lib.build(config, run.vocab_size, sow_attention=True)
-  return run._sowing
 
 
 def _explain_batch(model, params, batch, *, method, target, explained, other, pool, layer):

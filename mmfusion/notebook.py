@@ -20,11 +20,6 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def has_checkpoint(workdir: str) -> bool:
-  root = os.path.join(workdir, 'checkpoints')
-  return os.path.isdir(root) and any(d.isdigit() for d in os.listdir(root))
-
-
 def read_metrics(workdir: str) -> list[dict[str, float]]:
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
@@ -37,6 +32,20 @@ def read_metrics(workdir: str) -> list[dict[str, float]]:
       except ValueError:      # a line being written
         break
   return rows
+
+
+def trained(config: str, workdir: str, *overrides: str, **train_kwargs: Any) -> str:
+  """`workdir`, after training `config` into it with `train` unless a run there has already
+  finished (wrote final_metrics.json); a run stopped before its end is resumed."""
+  if not os.path.exists(os.path.join(workdir, 'final_metrics.json')):
+    train(config, workdir, *overrides, **train_kwargs)
+  return workdir
+
+
+def open_run(config: str, workdir: str, *overrides: str, **train_kwargs: Any):
+  """`mmfusion.load_run` of `trained(config, workdir, ...)`: the notebooks' first cell."""
+  import mmfusion
+  return mmfusion.load_run(trained(config, workdir, *overrides, **train_kwargs))
 
 
 def train(config: str, workdir: str, *overrides: str, live_plot: bool = True,

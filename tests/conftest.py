@@ -1,7 +1,9 @@
 """Test-wide settings: quiet TensorFlow, CPU only, fast-compiling XLA; `configs/` importable;
 the tiny dataset's fixtures."""
 import os
+import shutil
 import sys
+import tempfile
 
 from xla_flags import FAST_COMPILE
 
@@ -17,7 +19,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402
 
+from cli_runs import SESSION_DIR  # noqa: E402
 from tiny_data import make_config  # noqa: E402
+
+
+def pytest_configure(config):
+  """The session's own directory (tests/shared_runs.py, the CLI runs' compilation cache). The
+  controller makes it before it starts the xdist workers, which inherit the variable."""
+  if not os.environ.get(SESSION_DIR):
+    os.environ[SESSION_DIR] = config._mmfusion_session_dir = tempfile.mkdtemp(
+        prefix='mmfusion-tests-')
+
+
+def pytest_unconfigure(config):
+  if getattr(config, '_mmfusion_session_dir', None):
+    shutil.rmtree(config._mmfusion_session_dir, ignore_errors=True)
 
 
 # -- the tiny dataset of the data tests (a module that needs another defines its own data_dir) --

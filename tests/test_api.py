@@ -10,7 +10,7 @@ import pytest
 import jax
 
 import mmfusion
-from cli_runs import SMALL, cli
+import shared_runs
 from mmfusion import api
 from mmfusion import config as config_lib
 from mmfusion import pointing
@@ -24,13 +24,12 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory, data_dir):
-  """A 30-step CLIP run (evaluated at the end) and the run loaded back through the API."""
-  workdir = tmp_path_factory.mktemp('clip')
-  done = cli('shapes_clip.py', workdir, data_dir, *SMALL, '--config.total_steps=30')
-  assert done.returncode == 0, done.stdout + done.stderr
+def trained():
+  """The session's CLIP run (tests/shared_runs.py, evaluated at the end) and the run loaded
+  back through the API."""
+  workdir = shared_runs.workdir('clip')
   final = json.load(open(os.path.join(workdir, 'final_metrics.json')))
-  return workdir, final, mmfusion.load_run(str(workdir), data_dir=str(data_dir))
+  return workdir, final, mmfusion.load_run(workdir, data_dir=shared_runs.data_dir())
 
 
 def test_load_run_reproduces_the_runs_zeroshot_accuracy_exactly(trained):

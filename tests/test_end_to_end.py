@@ -5,6 +5,7 @@ the workdir layout are exercised for real.
 """
 import json
 import os
+import pathlib
 import re
 import signal
 import subprocess
@@ -14,7 +15,8 @@ import time
 import numpy as np
 import pytest
 
-from cli_runs import ROOT, RUN, SMALL, cli, metrics
+import shared_runs
+from cli_runs import ROOT, RUN, SMALL, cli, compilation_cache_env, metrics
 from xla_flags import xla_flags
 from mmfusion import checkpoint as ckpt
 
@@ -25,12 +27,9 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def pretrained(tmp_path_factory, data_dir):
-  """One uninterrupted 120-step CLIP run shared by the tests below."""
-  workdir = tmp_path_factory.mktemp('clip')
-  run = cli('shapes_clip.py', workdir, data_dir, *SMALL, '--config.total_steps=120')
-  assert run.returncode == 0, run.stdout + run.stderr
-  return workdir
+def pretrained():
+  """One uninterrupted 120-step CLIP run, the session's (tests/shared_runs.py): read only."""
+  return pathlib.Path(shared_runs.workdir('clip'))
 
 
 def test_loss_falls_and_retrieval_beats_chance(pretrained):
@@ -162,7 +161,8 @@ def test_two_processes_train_evaluate_checkpoint_and_resume(tmp_path, data_dir):
   process reads half the data, evaluation gathers every host's rows, process 0 alone writes
   logs, and a second launch resumes from the checkpoint."""
   env = dict(os.environ, MMFUSION_DATA_DIR=str(data_dir), TF_CPP_MIN_LOG_LEVEL='2',
-             XLA_FLAGS=xla_flags())          # the launcher adds the device count
+             XLA_FLAGS=xla_flags(),          # the launcher adds the device count
+             **compilation_cache_env())
 
   def launch(*flags):
     cmd = ['bash', f'{ROOT}/launch/local_multiprocess.sh', '-n', '2', '-d', '2', '--',

@@ -2,15 +2,14 @@
 small rendered dataset: each trains, evaluates with its own evaluators and writes its metrics.
 """
 import json
+import pathlib
 
 import numpy as np
 import pytest
 
-from cli_runs import RUN, cli, metrics
+import shared_runs
+from cli_runs import FUSED, RUN, cli, metrics
 from mmfusion import checkpoint as ckpt
-
-FUSED = [*RUN, '--config.total_steps=10', '--config.evals.zeroshot.batch_size=128',
-         '--config.evals.retrieval.batch_size=128']
 
 
 @pytest.fixture(scope='module')
@@ -19,12 +18,10 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def albef(tmp_path_factory, data_dir):
-  """A 10-step ALBEF run: its checkpoint starts the VQA fine-tuning below."""
-  workdir = tmp_path_factory.mktemp('albef')
-  run = cli('shapes_albef.py', workdir, data_dir, *FUSED)
-  assert run.returncode == 0, run.stdout + run.stderr
-  return workdir
+def albef():
+  """The session's 10-step ALBEF run (tests/shared_runs.py): its checkpoint starts the VQA
+  fine-tuning below."""
+  return pathlib.Path(shared_runs.workdir('albef'))
 
 
 def test_albef_trains_itc_itm_mlm_and_reranks_retrieval(albef):

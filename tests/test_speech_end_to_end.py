@@ -6,22 +6,22 @@ import os
 
 import pytest
 
+import shared_runs
 from cli_runs import cli
 
 pytest.importorskip('espeakng_loader', reason="the speech engine comes with the [speech] extra")
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp('data')
+def trimodal():
+  """The session's 30-step tri-modal run (tests/shared_runs.py)."""
+  return shared_runs.workdir('trimodal')
 
 
 @pytest.fixture(scope='module')
-def trimodal(tmp_path_factory, data_dir):
-  workdir = tmp_path_factory.mktemp('trimodal')
-  run = cli('shapes_trimodal.py:smoke', workdir, data_dir, '--config.total_steps=30')
-  assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-  return workdir
+def data_dir(trimodal):
+  """The tiny spoken dataset, as the tri-modal run rendered it (the speech engine is slow)."""
+  return shared_runs.data_dir()
 
 
 def test_trimodal_reports_every_pair_both_ways_and_spoken_zero_shot(trimodal):

@@ -18,6 +18,7 @@ TRAIN_STEP_SECTION = 'Train step'
 COMPILE_TIME_SECTION = 'Compile time'
 PIPELINE_SECTION = 'Input pipeline'
 CONTRASTIVE_MEMORY_SECTION = 'Contrastive loss memory'
+ACCUMULATION_MEMORY_SECTION = 'Gradient accumulation memory'
 # What a new RESULTS.md starts with; each section then follows with its own intro and table.
 PREAMBLE = f"""\
 # Benchmark results
@@ -36,6 +37,8 @@ files differed from it). Rows are only ever added; `--json_out PATH` keeps a run
   iterator alone (tf.data, tokenization, copy to device), no model.
 - {CONTRASTIVE_MEMORY_SECTION}: `python -m benchmarks.contrastive_memory` plans the per-device
   memory of the sharded contrastive losses' gradient step against the global batch size.
+- {ACCUMULATION_MEMORY_SECTION}: `python -m benchmarks.accumulation_memory --config CONFIG`
+  plans the train step's per-device memory at one global batch for each `config.accum_steps`.
 """
 
 TRAIN_STEP_INTRO = """\

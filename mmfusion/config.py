@@ -22,6 +22,9 @@ def base() -> ConfigDict:
   c.seed = 0
   c.total_steps = 1000
   c.batch_size = 256                      # global, over all hosts and devices
+  # Gradient accumulation: the towers run in this many micro-batches of batch_size / k, the
+  # loss on the whole batch (mmfusion/accumulate.py): the same step as one batch, less memory.
+  c.accum_steps = 1
 
   c.data = ConfigDict(dict(
       name='mmfusion_shapes',             # a TFDS dataset (rendered locally, or prepared)
@@ -220,6 +223,11 @@ def validate(config: ConfigDict, num_devices: int | None = None, num_granules: i
   _need(config.batch_size % jax.process_count() == 0,
         f'config.batch_size = {config.batch_size} must divide evenly over '
         f'{jax.process_count()} processes.')
+  k = config.accum_steps
+  _need(isinstance(k, int) and not isinstance(k, bool) and k >= 1
+        and config.batch_size % max(k, 1) == 0,
+        f'config.accum_steps = {k!r}: must be an integer >= 1 that divides config.batch_size '
+        f'({config.batch_size}).')
   _need(config.data.image_size > 0,
         f'config.data.image_size = {config.data.image_size}: must be > 0.')
   _need(config.data.audio_sample_rate > 0 and config.data.audio_max_seconds > 0,
@@ -239,6 +247,9 @@ def validate(config: ConfigDict, num_devices: int | None = None, num_granules: i
     _need(config.batch_size % dp == 0,
           f'config.batch_size = {config.batch_size} must be divisible by the data-parallel size '
           f'{dp} (the batch is split over mesh axes {batch_axes} of sizes {shape}).')
+    _need(config.batch_size // k % dp == 0,
+          f'config.accum_steps = {k}: each micro-batch of {config.batch_size // k} must be '
+          f'divisible by the data-parallel size {dp} (mesh axes {batch_axes} of sizes {shape}).')
 
   inputs = tuple(config.data.inputs)
   unknown = [i for i in inputs if i not in ops.REGISTRY]

@@ -23,6 +23,7 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
+from mmfusion import accumulate
 from mmfusion import checkpoint as ckpt_lib
 from mmfusion import config as config_lib
 from mmfusion import evals
@@ -164,11 +165,16 @@ class TrainProgram:
     rngs = {name: jax.random.fold_in(rng, i) if i else rng
             for i, name in enumerate(model_lib.RNG_STREAMS)}
 
-    def loss_fn(params):
-      out = self.model.apply({'params': params}, batch, train=True, rngs=rngs)
+    def loss_of(out):
       return objectives.total_loss(self.config.objectives, out, batch, step=state.step)
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if self.config.accum_steps > 1:
+      (_, metrics), grads = accumulate.value_and_grad(
+          self.model, state.params, batch, loss_of, rngs, self.config.accum_steps)
+    else:
+      (_, metrics), grads = jax.value_and_grad(
+          lambda p: loss_of(self.model.apply({'params': p}, batch, train=True, rngs=rngs)),
+          has_aux=True)(state.params)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics['grad_norm'] = optax.global_norm(grads)

@@ -33,12 +33,20 @@ MESHES = {
     'fsdp8': dict(data=1, fsdp=8, tensor=1),
     'data2_fsdp2_tensor2': dict(data=2, fsdp=2, tensor=2),
 }
+# Gradient accumulation on a mesh: (mesh, accum_steps); each micro-batch is spread over the
+# devices that split the batch.
+ACCUMULATED = {
+    'data8_accum2': ('data8', 2),
+    'data2_fsdp2_tensor2_accum4': ('data2_fsdp2_tensor2', 4),
+}
 
 
-def small_config(mesh: dict[str, int], preset: str = 'fsdp_tensor', batch_size: int = 16):
+def small_config(mesh: dict[str, int], preset: str = 'fsdp_tensor', batch_size: int = 16,
+                 accum_steps: int = 1):
   """A two-tower CLIP small enough for CPU, whose dimensions every mesh above divides."""
   config = config_lib.base()
   config.batch_size = batch_size
+  config.accum_steps = accum_steps
   config.data.image_size = 16
   config.tokenizer.max_len = 8
   config.tokenizer.vocab_size = VOCAB
@@ -93,7 +101,8 @@ def save_params(path: str, losses, params) -> None:
 
 
 def meshes(out_dir: str) -> None:
-  """One step under each mesh of MESHES: loss and parameters, and per-device bytes."""
+  """One step under each mesh of MESHES: loss and parameters, and per-device bytes; then one
+  with gradient accumulation under each of ACCUMULATED."""
   report = {}
   for name, mesh in MESHES.items():
     config = small_config(mesh)
@@ -107,6 +116,9 @@ def meshes(out_dir: str) -> None:
         for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]}
   with open(os.path.join(out_dir, 'bytes.json'), 'w') as f:
     json.dump(report, f)
+  for name, (mesh, k) in ACCUMULATED.items():
+    losses, state = one_step(program_for(small_config(MESHES[mesh], accum_steps=k)))
+    save_params(os.path.join(out_dir, f'{name}.npz'), losses, state.params)
 
 
 def processes(out_dir: str, *mesh_names: str) -> None:

@@ -262,3 +262,24 @@ def test_contrastive_memory_benchmark_records_linear_ring_and_quadratic_dense(tm
   table = [l for l in lines if l.startswith('| ')]
   assert table[0].startswith('| Date (UTC) | Machine | Commit | Loss | Global batch |')
   assert len(table) == 2 + 9 and table[2].split(' | ')[3:5] == ['ring', '256']
+
+
+def test_accumulation_memory_benchmark_records_smaller_temporaries_per_micro_batch(tmp_path):
+  json_out, results_md = tmp_path / 'run.json', tmp_path / 'RESULTS.md'
+  cmd = [sys.executable, '-m', 'benchmarks.accumulation_memory',
+         '--config=configs/benchmark.py:tiny,depth=1', '--batch=16', '--accum=1,4',
+         f'--results_md={results_md}', f'--json_out={json_out}']
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
+  run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+  rec = json.loads(json_out.read_text())
+  one, four = rec['results']
+  assert (one['accum_steps'], four['accum_steps'], four['micro_batch']) == (1, 4, 4)
+  # The towers' activations of a quarter of the batch: XLA's plan is deterministic.
+  assert four['memory']['temp'] < 0.6 * one['memory']['temp'], rec
+  assert four['temp_vs_1'] == pytest.approx(four['memory']['temp'] / one['memory']['temp'])
+  text = results_md.read_text()
+  table = [l for l in text[text.index(f'## {record.ACCUMULATION_MEMORY_SECTION}'):].splitlines()
+           if l.startswith('| ')]
+  assert table[0].startswith('| Date (UTC) | Machine | Commit | Config | Global batch |')
+  assert len(table) == 4 and table[3].split(' | ')[5:7] == ['4', '4']

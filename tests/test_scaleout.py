@@ -77,6 +77,11 @@ def test_one_step_is_the_same_on_every_mesh(meshes_run, mesh):
   assert_same_step(meshes_run / f'{mesh}.npz', meshes_run / 'single.npz')
 
 
+@pytest.mark.parametrize('run', ['data8_accum2', 'data2_fsdp2_tensor2_accum4'])
+def test_accumulated_micro_batches_on_a_mesh_step_like_one_batch_on_one_device(meshes_run, run):
+  assert_same_step(meshes_run / f'{run}.npz', meshes_run / 'single.npz')
+
+
 def test_fsdp8_splits_every_large_parameter_eight_ways(meshes_run):
   held = json.loads((meshes_run / 'bytes.json').read_text())
   threshold = 1024     # bytes; below it: biases, logit scale/bias

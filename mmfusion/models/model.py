@@ -111,8 +111,20 @@ class MultimodalModel(nn.Module):
     return scale, self.bias.astype(jnp.float32)
 
   def __call__(self, batch: Mapping[str, Array], *, train: bool = False) -> dict[str, Any]:
-    encoded = {m: self.encode(m, batch[m], batch.get(f'{m}_mask'), train=train)
-               for m in self.towers if m in batch}
+    return self.outputs(batch, self.encode_batch(batch, train=train), train=train)
+
+  def encode_batch(self, batch: Mapping[str, Array], *, train: bool = False
+                   ) -> dict[str, towers_lib.Encoded]:
+    """The tower of every modality the batch holds: the part of the forward pass in which each
+    example is computed on its own (gradient accumulation splits the batch here)."""
+    return {m: self.encode(m, batch[m], batch.get(f'{m}_mask'), train=train)
+            for m in self.towers if m in batch}
+
+  def outputs(self, batch: Mapping[str, Array], encoded: Mapping[str, towers_lib.Encoded], *,
+              train: bool = False) -> dict[str, Any]:
+    """The rest of the forward pass, from the towers' outputs: embeddings, scale and bias, and
+    the heads, which may mix examples (ITM's in-batch negatives) and run towers again (MLM's
+    masked text)."""
     out: dict[str, Any] = {
         'embeddings': {m: l2_normalize(e.embedding.astype(jnp.float32))
                        for m, e in encoded.items()},

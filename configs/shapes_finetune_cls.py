@@ -9,7 +9,8 @@ softmax cross-entropy. Run the default pretraining first:
 
 Arguments (comma-separated): `init=PATH` (the pretrained workdir or checkpoint; default
 workdirs/shapes_clip), `scratch` (same steps, no pretrained weights: the baseline),
-`smoke` (a few steps on the tiny dataset).
+`lora=R` (LoRA of rank R on the image tower's projections, alpha 2R, learning rate 1e-3: only
+the adapters and the head learn), `smoke` (a few steps on the tiny dataset).
 
 Result (2-core CPU, 2026-12-02; 54 s wall; 300 steps, batch 256):
   from the default run's checkpoint: accuracy 0.997 (macro-F1 0.996) on the 959 single-object
@@ -22,7 +23,8 @@ from mmfusion import config as mmf_config
 
 
 def get_config(arg=None):
-  arg = mmf_config.parse_arg(arg, init='workdirs/shapes_clip', scratch=False, smoke=False)
+  arg = mmf_config.parse_arg(arg, init='workdirs/shapes_clip', scratch=False, lora=0,
+                             smoke=False)
   config = mmf_config.base()
   config.data.inputs = ('image', 'label')                 # the text tower is not needed
   # -1: as many classes as the dataset's labels
@@ -41,6 +43,10 @@ def get_config(arg=None):
                                  keep_if={}),
   }
   config.checkpoint.every = 100
+  if arg.lora:
+    config.model.peft.update(type='lora', rank=arg.lora, alpha=2.0 * arg.lora,
+                             train=('classification',))
+    config.optim.lr = 1e-3
   if not arg.scratch:
     config.init_from.path = arg.init
     config.init_from.load = 'image'

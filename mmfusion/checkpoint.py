@@ -212,12 +212,13 @@ def upgrade_legacy(params: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]
 
 
 def merge_params(init_params: Mapping[str, Any], loaded: Mapping[str, Any], *,
-                 into: str = '', skip: tuple[str, ...] = (), source: str = 'checkpoint'
-                 ) -> dict[str, Any]:
+                 into: str = '', skip: tuple[str, ...] = (), source: str = 'checkpoint',
+                 keep_init: tuple[str, ...] = ()) -> dict[str, Any]:
   """Puts `loaded` at `into` inside `init_params`; every other leaf keeps its init value.
 
   Strict: inside the target sub-tree, names and shapes must match exactly, except for
-  paths under `skip`, which keep their init values and must not be in `loaded`'s way.
+  paths under `skip`, which keep their init values and must not be in `loaded`'s way, and
+  leaves named in `keep_init` (e.g. LoRA adapters) that `loaded` lacks, which keep theirs.
   """
   target = subtree(init_params, into, 'model params (config.init_from.into)')
   target_flat = flatten(target) if isinstance(target, Mapping) else {'': target}
@@ -227,7 +228,8 @@ def merge_params(init_params: Mapping[str, Any], loaded: Mapping[str, Any], *,
     full = f'{into}/{path}' if into else path
     return any(full == s or full.startswith(s.rstrip('/') + '/') for s in skip)
 
-  expected = {p: v for p, v in target_flat.items() if not skipped(p)}
+  expected = {p: v for p, v in target_flat.items() if not skipped(p)
+              and not (p.rsplit('/', 1)[-1] in keep_init and p not in loaded_flat)}
   found = {p: v for p, v in loaded_flat.items() if not skipped(p)}
   diff = shape_diff(expected, found, 'model', source)
   if diff:

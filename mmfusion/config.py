@@ -82,6 +82,11 @@ def base() -> ConfigDict:
       remat='none',
       remat_save=('qkv', 'attention'),
       scan_layers=False,
+      # Parameter-efficient fine-tuning. type='lora': low-rank adapters (rank, scale
+      # alpha / rank) on the projections named in `targets` ('qkv', 'attn_out', 'mlp') of every
+      # transformer stack; only the adapters and the top-level sub-trees named in `train` (e.g.
+      # a new head) learn, the rest is frozen. `python -m mmfusion.peft` merges them for export.
+      peft=dict(type='', rank=8, alpha=16.0, targets=('qkv', 'attn_out', 'mlp'), train=()),
   ))
 
   # name -> dict(weight=..., **kwargs); each name is registered in mmfusion/objectives/.

@@ -1,4 +1,5 @@
-"""Optimizer from config: AdamW, warmup + cosine schedule, decay mask, clipping, frozen towers.
+"""Optimizer from config: AdamW, warmup + cosine schedule, decay mask, clipping, frozen towers,
+LoRA (only the adapters and the sub-trees named learn).
 
 Frozen sub-trees get `set_to_zero` through `optax.multi_transform`, so they keep no Adam
 moments and never move.
@@ -9,6 +10,8 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import optax
+
+from mmfusion.models.layers import LORA_PARAMS
 
 # Scalars and vectors (norm scales, biases, temperature, bias of the sigmoid loss) are
 # not decayed: decay there only fights the normalisation and the loss's own scale.
@@ -34,14 +37,29 @@ def _adamw(optim_config, lr_schedule) -> optax.GradientTransformation:
   )
 
 
+def trainable(params: Any, freeze: Sequence[str] = (),
+              adapters_only: Sequence[str] | None = None) -> Any:
+  """A bool per leaf: does it learn? Not under a top-level name in `freeze`; with LoRA
+  (`adapters_only` not None) only the adapters' leaves and the top-level sub-trees it names."""
+  frozen = set(freeze)
+
+  def learns(path, _):
+    top, leaf = path[0].key, path[-1].key
+    if top in frozen:
+      return False
+    return adapters_only is None or leaf in LORA_PARAMS or top in set(adapters_only)
+  return jax.tree_util.tree_map_with_path(learns, params)
+
+
 def make(optim_config: Mapping[str, Any], total_steps: int, freeze: Sequence[str] = (),
+         adapters_only: Sequence[str] | None = None,
          ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Returns the transformation and its learning-rate schedule (for logging)."""
+  """Returns the transformation and its learning-rate schedule (for logging). Leaves that do
+  not learn (`trainable`) get zero updates and keep no optimizer state."""
   lr_schedule = schedule(optim_config, total_steps)
   tx = _adamw(optim_config, lr_schedule)
-  if freeze:
-    frozen = set(freeze)
-    labels = lambda params: {k: jax.tree.map(lambda _: 'frozen' if k in frozen else 'train', v)
-                             for k, v in params.items()}
+  if freeze or adapters_only is not None:
+    labels = lambda params: jax.tree.map(lambda t: 'train' if t else 'frozen',
+                                         trainable(params, freeze, adapters_only))
     tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)
   return tx, lr_schedule

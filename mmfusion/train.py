@@ -34,6 +34,7 @@ from mmfusion import writers
 from mmfusion.data import ops as data_ops
 from mmfusion.data import sources
 from mmfusion.data import training as training_data
+from mmfusion.models import layers
 from mmfusion.models import layout
 from mmfusion.models import model as model_lib
 
@@ -112,7 +113,10 @@ class TrainProgram:
     self.rules = sharding.rules_from_config(config.sharding)
     self.batch_sharding = sharding.batch_sharding(mesh, self.rules)
     self.model = model_lib.build(config.model, vocab_size=vocab_size)
-    self.tx, self.lr_schedule = optim.make(config.optim, config.total_steps, config.freeze)
+    self.adapters_only = (tuple(config.model.peft.train)
+                          if model_lib.lora_options(config.model) else None)
+    self.tx, self.lr_schedule = optim.make(config.optim, config.total_steps, config.freeze,
+                                           self.adapters_only)
 
     self.expected_batch = init_batch(config)
     boxed = jax.eval_shape(self.model.init, jax.random.key(0), self.expected_batch)
@@ -138,6 +142,10 @@ class TrainProgram:
       if name not in params:
         raise ValueError(f'config.freeze names {name!r}, which is not a top-level param sub-tree; '
                          f'the model has {sorted(params)}.')
+    for name in self.adapters_only or ():
+      if name not in params:
+        raise ValueError(f'config.model.peft.train names {name!r}, which is not a top-level '
+                         f'param sub-tree; the model has {sorted(params)}.')
 
   # -- state ------------------------------------------------------------------------------
 
@@ -230,6 +238,14 @@ class Trainer:
     log(f"{mem['num_params'] / 1e6:.2f} M params: {mib(mem['param_bytes'])} in total, "
         f"{mib(mem['param_bytes_per_device'])} per device; optimizer state "
         f"{mib(mem['opt_bytes'])}, {mib(mem['opt_bytes_per_device'])} per device.")
+    params = self.program.abstract_state.params
+    learns = optim.trainable(params, self.config.freeze, self.program.adapters_only)
+    sizes = [(int(np.prod(p.shape)), t) for p, t in zip(jax.tree.leaves(params),
+                                                         jax.tree.leaves(learns))]
+    total, trained = sum(n for n, _ in sizes), sum(n for n, t in sizes if t)
+    if trained < total:
+      log(f'trainable: {trained:,} of {total:,} params ({100 * trained / max(total, 1):.2f}%); '
+          'the rest frozen (config.freeze / config.model.peft).')
     message = sharding.replication_error(mem, self.mesh, cfg.max_replicated_fraction)
     if message and not cfg.allow_replicated:
       raise ValueError(message)
@@ -272,7 +288,9 @@ class Trainer:
       log(f"converted {source} to the {'scanned' if scanned else 'unrolled'} layer layout.")
     merged = ckpt_lib.merge_params(
         current, loaded, into=cfg.into or cfg.load, skip=tuple(cfg.skip),
-        source=f'checkpoint {source}')
+        source=f'checkpoint {source}',
+        # LoRA on a checkpoint without adapters: they start at init (B = 0: the base model).
+        keep_init=layers.LORA_PARAMS if self.program.adapters_only is not None else ())
     shardings = self.program.state_shardings
     params = sharding.put_global(merged, shardings.params)
     opt_state = jax.jit(self.program.tx.init, out_shardings=shardings.opt_state)(params)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -65,6 +65,40 @@ def decode_variant(variant: str) -> dict[str, int]:
   return sizes
 
 
+# LoRA targets (config.model.peft.targets) -> the projection layers they adapt, by module name.
+LORA_TARGETS = {'qkv': ('query', 'key', 'value'), 'attn_out': ('out',), 'mlp': ('fc1', 'fc2')}
+LORA_PARAMS = ('lora_a', 'lora_b')
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraOptions:
+  """Low-rank adapters (Hu et al. 2021) on a stack's projections: W + (alpha / rank) A B, with A
+  [in, rank] initialised like PEFT's (uniform, +-1/sqrt(fan in)) and B [rank, out] at zero, so an
+  adapted model starts equal to its base."""
+  rank: int
+  alpha: float
+  targets: tuple[str, ...]
+
+  def __post_init__(self):
+    if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+      raise ValueError(f'peft.rank = {self.rank!r}: must be an integer >= 1')
+    if not self.alpha > 0:
+      raise ValueError(f'peft.alpha = {self.alpha!r}: must be > 0')
+    unknown = [t for t in self.targets if t not in LORA_TARGETS]
+    if unknown or not self.targets:
+      layers = ', '.join(f'{k}: {"/".join(v)}' for k, v in LORA_TARGETS.items())
+      raise ValueError(f'peft.targets = {tuple(self.targets)!r}: {unknown or "none given"}; the '
+                       f'layers LoRA can adapt are {sorted(LORA_TARGETS)} ({layers}).')
+
+  def rank_for(self, layer: str) -> int:
+    """The adapter rank of the projection named `layer` (0: not adapted)."""
+    return self.rank if any(layer in LORA_TARGETS[t] for t in self.targets) else 0
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+
 @dataclasses.dataclass(frozen=True)
 class StackOptions:
   """What every transformer stack shares: its sizes and how it computes.
@@ -72,7 +106,7 @@ class StackOptions:
   One instance configures a whole tower, fusion module or decoder and is handed down to its
   blocks, attentions and MLPs, so no module repeats these fields. `attention_impl`, `remat` and
   `scan_layers` change speed and memory, never the maths; `sow_weights` records attention
-  weights (needs attention_impl='explicit').
+  weights (needs attention_impl='explicit'); `lora` adds low-rank adapters to its projections.
   """
   width: int
   depth: int
@@ -86,6 +120,7 @@ class StackOptions:
   scan_layers: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lora: LoraOptions | None = None
 
   def __post_init__(self):
     if self.width <= 0 or self.depth < 0 or self.mlp_dim <= 0 or self.num_heads <= 0:
@@ -208,27 +243,50 @@ class HeadsDense(nn.Module):
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  kernel_init: Callable[..., Array] | None = None     # default: xavier_uniform over the fans
+  bias_init: Callable[..., Array] = nn.initializers.zeros
+  lora_rank: int = 0                                  # > 0: a low-rank adapter (LoraOptions)
+  lora_scale: float = 1.0
 
   def setup(self):
-    ndim = len(self.kernel_shape)
-    kernel_init = nn.initializers.xavier_uniform(
-        in_axis=tuple(range(self.in_dims)), out_axis=tuple(range(self.in_dims, ndim)))
+    ndim, k = len(self.kernel_shape), self.in_dims
+    in_axes, out_axes = tuple(range(k)), tuple(range(k, ndim))
+    kernel_init = self.kernel_init or nn.initializers.xavier_uniform(in_axis=in_axes,
+                                                                     out_axis=out_axes)
     self.kernel = self.param('kernel', named_init(kernel_init, self.kernel_axes),
                              self.kernel_shape, self.param_dtype)
-    out_shape = self.kernel_shape[self.in_dims:]
+    out_shape = self.kernel_shape[k:]
     if self.use_bias:
-      self.bias = self.param('bias', named_init(nn.initializers.zeros, self.kernel_axes[self.in_dims:]),
+      self.bias = self.param('bias', named_init(self.bias_init, self.kernel_axes[k:]),
                              out_shape, self.param_dtype)
     else:
       self.bias = jnp.zeros(out_shape, self.param_dtype)
+    if self.lora_rank:
+      r = self.lora_rank
+      a_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform', in_axis=in_axes,
+                                                out_axis=-1)
+      self.lora_a = self.param('lora_a', named_init(a_init, (*self.kernel_axes[:k], None)),
+                               (*self.kernel_shape[:k], r), self.param_dtype)
+      self.lora_b = self.param('lora_b', named_init(nn.initializers.zeros,
+                                                    (None, *self.kernel_axes[k:])),
+                               (r, *out_shape), self.param_dtype)
 
   def weights(self) -> tuple[Array, Array]:
-    """(kernel, bias); the bias is zeros when the layer has none."""
-    return self.kernel, self.bias
+    """(kernel, bias); the bias is zeros when the layer has none. With an adapter the kernel
+    is W + scale * A B (exactly W while B is zero); `merge_lora` writes the same sum."""
+    kernel = self.kernel
+    if self.lora_rank:
+      kernel = lora_merged(kernel, self.lora_a, self.lora_b, self.lora_scale)
+    return kernel, self.bias
 
   def __call__(self, x: Array) -> Array:
-    x, kernel, bias = nn.dtypes.promote_dtype(x, self.kernel, self.bias, dtype=self.dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, *self.weights(), dtype=self.dtype)
     return jnp.tensordot(x, kernel, axes=self.in_dims) + bias
+
+
+def lora_merged(kernel: Array, a: Array, b: Array, scale: float) -> Array:
+  """W + scale * A B: A [*in, r], B [r, *out], W [*in, *out]."""
+  return kernel + (scale * jnp.tensordot(a, b, axes=1)).astype(kernel.dtype)
 
 
 def _fused_projection(projections: Sequence[HeadsDense], x: Array) -> tuple[Array, ...]:
@@ -244,6 +302,15 @@ def _fused_projection(projections: Sequence[HeadsDense], x: Array) -> tuple[Arra
                                                      dtype=projections[0].dtype)
   out_blphd = jnp.tensordot(x, kernel_wphd, axes=1) + bias_phd
   return tuple(out_blphd[..., i, :, :] for i in range(len(projections)))
+
+
+def _lora_kwargs(stack: StackOptions) -> Callable[[str], dict[str, Any]]:
+  """layer name -> the HeadsDense arguments of its adapter under `stack.lora` (none: {})."""
+  def kwargs(layer: str) -> dict[str, Any]:
+    if stack.lora is None or not stack.lora.rank_for(layer):
+      return {}
+    return dict(lora_rank=stack.lora.rank_for(layer), lora_scale=stack.lora.scale)
+  return kwargs
 
 
 class MultiHeadAttention(nn.Module):
@@ -275,11 +342,13 @@ class MultiHeadAttention(nn.Module):
     project_in = functools.partial(
         HeadsDense, kernel_shape=(width, num_heads, head_dim),
         kernel_axes=('embed', 'heads', 'kv'), in_dims=1, **dtypes)
+    lora = _lora_kwargs(self.stack)
     bqhd = ('batch', 'length', 'heads', 'kv')
     # No key bias: it adds q.b_k to every logit of a query alike, which softmax ignores, so
     # its gradient is zero up to round-off (and Adam would turn that round-off into updates).
-    projections = [project_in(name='query'), project_in(name='key', use_bias=False),
-                   project_in(name='value')]
+    projections = [project_in(name='query', **lora('query')),
+                   project_in(name='key', use_bias=False, **lora('key')),
+                   project_in(name='value', **lora('value'))]
     if x_kv is x_q:
       # Self-attention: one matmul with the three kernels side by side feeds the matrix units
       # better than three thin ones; the params stay three separate names.
@@ -319,7 +388,7 @@ class MultiHeadAttention(nn.Module):
 
     out = HeadsDense(
         kernel_shape=(num_heads, head_dim, width), kernel_axes=('heads', 'kv', 'embed'),
-        in_dims=2, **dtypes, name='out')(out_bqhd)
+        in_dims=2, **dtypes, **lora('out'), name='out')(out_bqhd)
     return checkpoint_name(constrain(out, ('batch', 'length', 'embed')), 'attn_out')
 
   def _full_mask(self, mask: Array | None, len_q: int, len_k: int) -> Array | None:
@@ -337,18 +406,17 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x_ble: Array, deterministic: bool = True) -> Array:
     width = x_ble.shape[-1]
-    dtypes = dict(dtype=self.stack.dtype, param_dtype=self.stack.param_dtype)
-    h_blm = nn.Dense(
-        self.stack.mlp_dim, **dtypes,
-        kernel_init=named_init(_default_kernel_init, ('embed', 'mlp')),
-        bias_init=named_init(nn.initializers.normal(stddev=1e-6), ('mlp',)), name='fc1')(x_ble)
+    lora = _lora_kwargs(self.stack)
+    dense = functools.partial(
+        HeadsDense, in_dims=1, dtype=self.stack.dtype, param_dtype=self.stack.param_dtype,
+        kernel_init=_default_kernel_init, bias_init=nn.initializers.normal(stddev=1e-6))
+    h_blm = dense(kernel_shape=(width, self.stack.mlp_dim), kernel_axes=('embed', 'mlp'),
+                  **lora('fc1'), name='fc1')(x_ble)
     h_blm = checkpoint_name(h_blm, 'mlp_hidden')
     h_blm = constrain(nn.gelu(h_blm), ('batch', 'length', 'mlp'))
     h_blm = nn.Dropout(self.stack.dropout)(h_blm, deterministic)
-    out = nn.Dense(
-        width, **dtypes,
-        kernel_init=named_init(_default_kernel_init, ('mlp', 'embed')),
-        bias_init=named_init(nn.initializers.normal(stddev=1e-6), ('embed',)), name='fc2')(h_blm)
+    out = dense(kernel_shape=(self.stack.mlp_dim, width), kernel_axes=('mlp', 'embed'),
+                **lora('fc2'), name='fc2')(h_blm)
     return checkpoint_name(constrain(out, ('batch', 'length', 'embed')), 'mlp_out')
 
 

@@ -165,12 +165,33 @@ def build_context(model_config: Mapping[str, Any], vocab_size: int, *,
   except ValueError as e:
     raise ValueError(f'config.model.{e}') from e
   return towers_lib.BuildContext(
+      lora=lora_options(model_config),
       embed_dim=model_config['embed_dim'], vocab_size=vocab_size,
       dtype=_dtype(model_config['dtype'], 'dtype'),
       param_dtype=_dtype(model_config['param_dtype'], 'param_dtype'),
       attention=attention_impl, remat=model_config['remat'],
       remat_save=tuple(model_config['remat_save']), scan_layers=model_config['scan_layers'],
       sow_attention=sow_attention)
+
+
+def lora_options(model_config: Mapping[str, Any]) -> layers.LoraOptions | None:
+  """`config.model.peft` as LoraOptions (None when its type is ''); a bad value raises naming
+  the key. Configs saved before PEFT existed have no such key: no adapters."""
+  peft = dict(dict(model_config).get('peft') or {})
+  kind = peft.pop('type', '')
+  if not kind:
+    return None
+  if kind != 'lora':
+    raise ValueError(f"config.model.peft.type = {kind!r}; expected 'lora' or '' (none).")
+  unknown = sorted(set(peft) - {'rank', 'alpha', 'targets', 'train'})
+  if unknown:
+    raise ValueError(f'config.model.peft has {unknown}; it takes type, rank, alpha, targets, '
+                     'train.')
+  try:
+    return layers.LoraOptions(rank=peft.get('rank', 8), alpha=float(peft.get('alpha', 16.0)),
+                              targets=tuple(peft.get('targets', tuple(layers.LORA_TARGETS))))
+  except ValueError as e:
+    raise ValueError(f'config.model.{e}') from None
 
 
 def reads_tokens(model_config: Mapping[str, Any]) -> bool:

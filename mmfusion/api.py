@@ -310,6 +310,25 @@ class Run:
       return jax.nn.softmax(logits, axis=-1)[:, 1]
     return self.batched(('match',), fn, entries)
 
+  def evaluate(self, names: Sequence[str] | None = None) -> dict[str, float]:
+    """The run's own evaluators (config.evals, or the ones named) on this checkpoint:
+    '<evaluator>/<metric>' -> value, as the trainer logs them."""
+    from mmfusion import evals
+    names = list(self.config.evals) if names is None else list(names)
+    unknown = [n for n in names if n not in self.config.evals]
+    if unknown:
+      raise RunError(f'evaluate: {unknown} are not evaluators of this run; it has '
+                     f'{sorted(self.config.evals)}.')
+    rules = sharding.rules_from_config(self.config.sharding)
+    results = {}
+    for name in names:
+      evaluator = evals.build(name, self.config.evals[name], model=self.model,
+                              config=self.config, source=self.source, mesh=self.mesh,
+                              rules=rules)
+      results.update({f'{name}/{metric}': float(value)
+                      for metric, value in evaluator.run(self.params)})
+    return results
+
   def classify(self, inputs: Any) -> ZeroShotResult:
     """The classification head's predictions over the dataset's class names (a fine-tuned
     classifier; `zeroshot` needs no head)."""

@@ -12,6 +12,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mmfusion import quantize
+
 CHECKPOINT_SUBDIR = 'checkpoints'
 # Heads' params before heads were named as in config.model.heads (models/heads.py): old
 # top-level name -> (new name, the sub-module the old params now sit in).
@@ -175,17 +177,21 @@ def find_step_dir(path: str) -> str:
 
 
 def load_params(path: str, load: str = '') -> dict[str, Any]:
-  """Reads `params[/load]` of a checkpoint to host numpy, without touching optimizer state."""
+  """Reads `params[/load]` of a checkpoint to host numpy, without touching optimizer state;
+  an int8 checkpoint (mmfusion/quantize.py) comes back dequantised to float32."""
   step_dir = find_step_dir(path)
   state_dir = os.path.join(step_dir, 'state')
   checkpointer = ocp.PyTreeCheckpointer()
   try:
     tree = checkpointer.metadata(state_dir).item_metadata
     tree = getattr(tree, 'tree', tree)
+    quantized = quantize.SCALES in tree     # an int8 checkpoint: read it whole, dequantise
     wanted = {'params': dict(subtree(tree['params'], load, f'checkpoint {step_dir}'))
-              if load else tree['params']}
-    for part in reversed([p for p in load.split('/') if p]):
+              if load and not quantized else tree['params']}
+    for part in reversed([p for p in load.split('/') if p] if not quantized else []):
       wanted['params'] = {part: wanted['params']}
+    if quantized:
+      wanted[quantize.SCALES] = tree[quantize.SCALES]
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
     restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
         item=wanted, restore_args=restore_args, partial_restore=True))
@@ -193,7 +199,10 @@ def load_params(path: str, load: str = '') -> dict[str, Any]:
     raise
   except Exception as e:
     raise CheckpointError(f'checkpoint {step_dir} is unreadable: {e}') from e
-  return dict(subtree(restored['params'], load, f'checkpoint {step_dir}'))
+  params = restored['params']
+  if quantized:
+    params = quantize.dequantize(params, restored[quantize.SCALES])
+  return dict(subtree(params, load, f'checkpoint {step_dir}'))
 
 
 def upgrade_legacy(params: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:

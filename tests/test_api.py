@@ -161,3 +161,22 @@ def test_bad_inputs_fail_with_one_clear_message(trained, tmp_path):
     run.embed(audio=[np.zeros(100, np.float32)])
   with pytest.raises(api.RunError, match='exactly one'):
     run.zeroshot(np.zeros((1, 32, 32, 3), np.uint8), ['red circle'], prompts=('a photo',))
+
+
+def test_evaluate_reproduces_the_final_metrics_and_int8_stays_close(trained, tmp_path):
+  """Run.evaluate runs the run's own evaluators: the figures the training wrote at its end;
+  the int8 export (python -m mmfusion.quantize) of the same run evaluates within a hair."""
+  from mmfusion import quantize
+  workdir, final, run = trained
+  results = run.evaluate()
+  for key, value in results.items():
+    if not key.endswith('/seconds'):
+      assert value == pytest.approx(final[key], abs=1e-6), key
+  _, float_bytes, int8_bytes = quantize.export(workdir, str(tmp_path / 'int8'),
+                                                data_dir=shared_runs.data_dir())
+  assert 0.25 <= int8_bytes / float_bytes < 0.30
+  int8 = mmfusion.load_run(str(tmp_path / 'int8'), data_dir=shared_runs.data_dir())
+  quantized = int8.evaluate(['zeroshot'])
+  assert abs(quantized['zeroshot/accuracy'] - final['zeroshot/accuracy']) <= 0.05, quantized
+  with pytest.raises(api.RunError, match="not evaluators of this run"):
+    run.evaluate(['nope'])

@@ -15,6 +15,7 @@ shape and a split embedded here gives the evaluators' numbers exactly:
   run.answer(images, questions)                 VQA answers (vqa head; written or spoken)
   run.explain(...)                              heat-maps (mmfusion/explain.py)
   run.examples(split, n)                        raw examples of the run's dataset, to try it on
+  run.evaluate(names=None)                      the run's own evaluators on this checkpoint
 """
 from __future__ import annotations
 

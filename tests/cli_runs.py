@@ -26,17 +26,9 @@ FUSED = [*RUN, '--config.total_steps=10', '--config.evals.zeroshot.batch_size=12
 SESSION_DIR = 'MMFUSION_TEST_SESSION_DIR'
 
 
-def compilation_cache_env():
-  """The environment that gives a CLI run the session's persistent XLA compilation cache: a
-  program that an earlier run of the session compiled (a resumed run, a second process, the
-  same config again) is read back instead of compiled. In-process tests do not use it."""
-  session = os.environ.get(SESSION_DIR)
-  return {'JAX_COMPILATION_CACHE_DIR': os.path.join(session, 'xla_cache')} if session else {}
-
-
 def cli(config, workdir, data_dir, *flags, wait=True):
   env = dict(os.environ, MMFUSION_DATA_DIR=str(data_dir), TF_CPP_MIN_LOG_LEVEL='2',
-             PYTHONUNBUFFERED='1', **compilation_cache_env())
+             PYTHONUNBUFFERED='1')
   cmd = [sys.executable, '-m', 'mmfusion.main', f'--config={ROOT}/configs/{config}',
          f'--workdir={workdir}', *flags]
   if not wait:

@@ -1,5 +1,5 @@
-"""Test-wide settings: quiet TensorFlow, CPU only, fast-compiling XLA; `configs/` importable;
-the tiny dataset's fixtures."""
+"""Test-wide settings: quiet TensorFlow, CPU only, fast-compiling XLA, a session directory with
+a compilation cache; `configs/` importable; the tiny dataset's fixtures."""
 import os
 import shutil
 import sys
@@ -24,11 +24,15 @@ from tiny_data import make_config  # noqa: E402
 
 
 def pytest_configure(config):
-  """The session's own directory (tests/shared_runs.py, the CLI runs' compilation cache). The
-  controller makes it before it starts the xdist workers, which inherit the variable."""
+  """The session's own directory, made by the controller before it starts the xdist workers,
+  which inherit the variables: the shared runs (tests/shared_runs.py) and one persistent XLA
+  compilation cache, so that a program compiled once in the session (by a test, a CLI run, a
+  resumed run, a second process) is read back instead of compiled again."""
   if not os.environ.get(SESSION_DIR):
     os.environ[SESSION_DIR] = config._mmfusion_session_dir = tempfile.mkdtemp(
         prefix='mmfusion-tests-')
+    os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                          os.path.join(os.environ[SESSION_DIR], 'xla_cache'))
 
 
 def pytest_unconfigure(config):

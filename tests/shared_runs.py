@@ -22,6 +22,9 @@ RUNS = {
     'albef': ('shapes_albef.py', tuple(FUSED)),
     # Image, text and speech contrastive on the tiny spoken dataset, 30 steps.
     'trimodal': ('shapes_trimodal.py:smoke', ('--config.total_steps=30',)),
+    # Spoken VQA fine-tuned from the tri-modal run, with modality dropout, 20 steps.
+    'spoken_vqa': ('shapes_spoken_vqa.py:smoke,init={trimodal},modality_dropout=0.3',
+                   ('--config.total_steps=20',)),
 }
 
 
@@ -36,6 +39,8 @@ def data_dir() -> str:
 def workdir(name: str) -> str:
   """The finished workdir of the shared run `name`, trained first if no worker has yet."""
   config, flags = RUNS[name]
+  # A run that starts from another names it in braces: that one is trained first.
+  config = config.format(**{other: workdir(other) for other in RUNS if f'{{{other}}}' in config})
   path = os.path.join(session_dir(), 'runs', name)
   with open(os.path.join(session_dir(), 'lock'), 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)        # released when the file closes

@@ -65,7 +65,9 @@ def _programs(kind, k):
   return out
 
 
-@pytest.mark.parametrize('kind', [*CONTRASTIVE, *FUSED])
+# Softmax contrastive is checked on meshes against one device (test_scaleout.py), ALBEF's
+# objectives gradient leaf by gradient leaf below.
+@pytest.mark.parametrize('kind', ['sigmoid', 'vqa_captioning', 'classification'])
 def test_k_micro_batches_equal_one_batch_of_k_times_b(kind):
   k = 4
   (one, batch), (accumulated, _) = _programs(kind, k)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import shared_runs
-from cli_runs import ROOT, RUN, SMALL, cli, compilation_cache_env, metrics
+from cli_runs import ROOT, RUN, SMALL, cli, metrics
 from xla_flags import xla_flags
 from mmfusion import checkpoint as ckpt
 
@@ -161,8 +161,7 @@ def test_two_processes_train_evaluate_checkpoint_and_resume(tmp_path, data_dir):
   process reads half the data, evaluation gathers every host's rows, process 0 alone writes
   logs, and a second launch resumes from the checkpoint."""
   env = dict(os.environ, MMFUSION_DATA_DIR=str(data_dir), TF_CPP_MIN_LOG_LEVEL='2',
-             XLA_FLAGS=xla_flags(),          # the launcher adds the device count
-             **compilation_cache_env())
+             XLA_FLAGS=xla_flags())          # the launcher adds the device count
 
   def launch(*flags):
     cmd = ['bash', f'{ROOT}/launch/local_multiprocess.sh', '-n', '2', '-d', '2', '--',

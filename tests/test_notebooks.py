@@ -7,7 +7,7 @@ import os
 
 import pytest
 import shared_runs
-from cli_runs import ROOT, compilation_cache_env
+from cli_runs import ROOT
 
 jupytext = pytest.importorskip('jupytext', reason='the test extra (jupytext) is not installed')
 nbclient = pytest.importorskip('nbclient', reason='the test extra (nbclient) is not installed')
@@ -46,13 +46,14 @@ def test_every_notebook_is_listed():
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   """Where the notebooks' small runs go, shared by this module's notebooks (the first that
-  needs a run trains it), and the dataset directory they read. The CLIP, ALBEF and tri-modal
-  runs are the session's (tests/shared_runs.py), linked under the names the notebooks look
-  for; the notebooks train the rest (fine-tuning and VQA on the tiny default dataset, which
-  no shared run renders; spoken VQA on the spoken one the tri-modal run rendered)."""
+  needs a run trains it), and the dataset directory they read. The CLIP, ALBEF, tri-modal
+  and spoken-VQA runs are the session's (tests/shared_runs.py), linked under the names the
+  notebooks look for; the notebooks train the rest (fine-tuning and VQA on the tiny default
+  dataset, which no shared run renders)."""
   runs_dir = tmp_path_factory.mktemp('runs')
   for name, shared in (('shapes_clip_smoke', 'clip'), ('shapes_albef_smoke', 'albef'),
-                       ('shapes_trimodal_smoke', 'trimodal')):
+                       ('shapes_trimodal_smoke', 'trimodal'),
+                       ('shapes_spoken_vqa_smoke', 'spoken_vqa')):
     os.symlink(shared_runs.workdir(shared), runs_dir / name)
   return runs_dir, shared_runs.data_dir()
 
@@ -65,8 +66,6 @@ def test_notebook_runs_headless_in_small_mode(name, runs, monkeypatch):
   monkeypatch.setenv('MMFUSION_RUNS', str(runs_dir))
   monkeypatch.setenv('MMFUSION_DATA_DIR', str(data_dir))
   monkeypatch.setenv('MPLBACKEND', 'Agg')
-  for key, value in compilation_cache_env().items():
-    monkeypatch.setenv(key, value)
   executed = runs_dir / f'{name}.ipynb'
   notebook_lib.execute(os.path.join(COLABS, f'{name}.ipynb'), str(executed), small=True,
                        timeout_s=600)

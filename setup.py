@@ -29,12 +29,14 @@ setuptools.setup(
         "speech": ["espeakng-loader>=0.2.4,<0.3"],
         # The notebooks in colabs/ (plots, inline figures); mmfusion.notebook needs them.
         "explore": ["matplotlib>=3.8", "ipython>=8"],
+        # Quantised training (config.model.quantize='int8'): Google's AQT, pure Python.
+        "quantize": ["aqtp>=0.9,<0.10"],
         # pocketsphinx (BSD-2-Clause) only for the ASR check of the spoken data; jupytext,
         # nbclient and ipykernel execute the notebooks headless.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100",
                  "espeakng-loader>=0.2.4,<0.3", "pocketsphinx>=5.0,<6",
                  "matplotlib>=3.8", "ipython>=8", "jupytext>=1.16", "nbclient>=0.10",
-                 "nbformat>=5.9", "ipykernel>=6.29"],
+                 "nbformat>=5.9", "ipykernel>=6.29", "aqtp>=0.9,<0.10"],
         # Only the open_clip peer of benchmarks/train_step.py; nothing else imports them.
         "bench": ["torch", "open_clip_torch"],
     },

@@ -87,6 +87,10 @@ def base() -> ConfigDict:
       # transformer stack; only the adapters and the top-level sub-trees named in `train` (e.g.
       # a new head) learn, the rest is frozen. `python -m mmfusion.peft` merges them for export.
       peft=dict(type='', rank=8, alpha=16.0, targets=('qkv', 'attn_out', 'mlp'), train=()),
+      # 'int8': quantised training and inference of every transformer stack's projections with
+      # Google's AQT (int8 weights and activations in the forward pass, float gradients; the
+      # [quantize] extra). For int8 storage of a trained run see `python -m mmfusion.quantize`.
+      quantize='',
   ))
 
   # name -> dict(weight=..., **kwargs); each name is registered in mmfusion/objectives/.

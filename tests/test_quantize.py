@@ -1,6 +1,10 @@
 """int8 weight quantisation (mmfusion/quantize.py): per-output-channel scales checked against a
 hand computation, a scale per layer in scanned stacks, what stays float, the bytes, and an int8
-checkpoint read back dequantised by checkpoint.load_params."""
+checkpoint read back dequantised by checkpoint.load_params. Quantised training
+(config.model.quantize='int8', AQT): the same parameters, int8 matmuls, outputs close to float,
+and it learns."""
+import re
+
 import numpy as np
 import pytest
 
@@ -65,3 +69,47 @@ def test_an_int8_checkpoint_loads_back_dequantised(tmp_path):
                                 expected['image']['kernel'])
   with pytest.raises(ckpt.CheckpointError, match="no sub-tree 'text'"):
     ckpt.load_params(str(tmp_path), 'text')
+
+
+def _int8_programs():
+  import jax
+  from test_train_program import program_and_batch, small_config
+  out = []
+  for quantize in ('', 'int8'):
+    config = small_config()
+    config.unlock()
+    config.model.quantize = quantize
+    config.optim.warmup_steps = 0
+    config.lock()
+    out.append(program_and_batch(config))
+  return jax, out
+
+
+def test_int8_training_has_the_same_params_int8_matmuls_and_learns():
+  pytest.importorskip('aqt', reason="Google's AQT (aqtp) is not installed")
+  jax, ((fp, batch), (qp, _)) = _int8_programs()
+  params = fp.init_state(0).params
+  assert jax.tree.structure(qp.init_state(0).params) == jax.tree.structure(params)
+  apply_f = jax.jit(lambda p: fp.model.apply({'params': p}, batch))
+  apply_q = jax.jit(lambda p: qp.model.apply({'params': p}, batch))
+  assert re.search(r'xi8>', apply_q.lower(params).as_text())      # int8 operands in the HLO
+  assert not re.search(r'xi8>', apply_f.lower(params).as_text())
+  for m, z in apply_f(params)['embeddings'].items():
+    cosine = np.sum(np.asarray(z) * np.asarray(apply_q(params)['embeddings'][m]), axis=-1)
+    assert cosine.min() > 0.99, (m, cosine.min())
+  state, losses = qp.init_state(0), []
+  for _ in range(6):
+    state, metrics = qp.train_step(state, batch)
+    losses.append(float(metrics['loss']))
+  assert np.all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0], losses
+
+
+def test_an_unknown_quantize_value_fails_naming_the_key():
+  from mmfusion import config as config_lib
+  from test_train_program import small_config
+  config = small_config()
+  config.unlock()
+  config.model.quantize = 'int4'
+  with pytest.raises(ValueError, match=re.escape("config.model.quantize = 'int4'; expected one "
+                                                 "of ('', 'int8')")):
+    config_lib.validate(config, num_devices=1)

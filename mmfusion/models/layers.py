@@ -70,6 +70,25 @@ LORA_TARGETS = {'qkv': ('query', 'key', 'value'), 'attn_out': ('out',), 'mlp': (
 LORA_PARAMS = ('lora_a', 'lora_b')
 
 
+# config.model.quantize: '' (float matmuls) or 'int8' (AQT: the forward pass of every stack's
+# projections multiplies int8 weights by int8 activations, per-channel scales; the gradients
+# stay in float).
+QUANTIZE = ('', 'int8')
+
+
+def aqt_dot_general(kind: str) -> nn.Module:
+  """Google AQT's dot_general module for `kind` ('int8'); the library is the [quantize] extra."""
+  try:
+    from aqt.jax.v2 import config as aqt_config
+    from aqt.jax.v2.flax import aqt_flax
+  except ImportError as e:
+    raise ValueError(f"config.model.quantize = {kind!r} needs Google's AQT library: pip install "
+                     "'mmfusion[quantize]' (the aqtp package).") from e
+  # prng_name=None: no stochastic rounding, so evaluation needs no random key.
+  return aqt_flax.AqtDotGeneral(aqt_config.fully_quantized(fwd_bits=8, bwd_bits=None),
+                                prng_name=None)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraOptions:
   """Low-rank adapters (Hu et al. 2021) on a stack's projections: W + (alpha / rank) A B, with A
@@ -121,6 +140,7 @@ class StackOptions:
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   lora: LoraOptions | None = None
+  quantize: str = ''
 
   def __post_init__(self):
     if self.width <= 0 or self.depth < 0 or self.mlp_dim <= 0 or self.num_heads <= 0:
@@ -134,6 +154,8 @@ class StackOptions:
       raise ValueError("sow_weights needs attention_impl='explicit' (the fused kernels never "
                        f'materialise the weights); got attention_impl={self.attention_impl!r}')
     remat_policy(self.remat, self.remat_save)   # validates both
+    if self.quantize not in QUANTIZE:
+      raise ValueError(f'quantize={self.quantize!r}; expected one of {QUANTIZE}')
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f'dropout={self.dropout} must be in [0, 1)')
 
@@ -247,6 +269,7 @@ class HeadsDense(nn.Module):
   bias_init: Callable[..., Array] = nn.initializers.zeros
   lora_rank: int = 0                                  # > 0: a low-rank adapter (LoraOptions)
   lora_scale: float = 1.0
+  quantize: str = ''                                  # 'int8': AQT's int8 matmul (QUANTIZE)
 
   def setup(self):
     ndim, k = len(self.kernel_shape), self.in_dims
@@ -270,6 +293,8 @@ class HeadsDense(nn.Module):
       self.lora_b = self.param('lora_b', named_init(nn.initializers.zeros,
                                                     (None, *self.kernel_axes[k:])),
                                (r, *out_shape), self.param_dtype)
+    if self.quantize:
+      self.dot_general = aqt_dot_general(self.quantize)
 
   def weights(self) -> tuple[Array, Array]:
     """(kernel, bias); the bias is zeros when the layer has none. With an adapter the kernel
@@ -281,6 +306,10 @@ class HeadsDense(nn.Module):
 
   def __call__(self, x: Array) -> Array:
     x, kernel, bias = nn.dtypes.promote_dtype(x, *self.weights(), dtype=self.dtype)
+    if self.quantize:
+      k = self.in_dims
+      contract = ((tuple(range(x.ndim - k, x.ndim)), tuple(range(k))), ((), ()))
+      return self.dot_general(x, kernel, contract, None) + bias
     return jnp.tensordot(x, kernel, axes=self.in_dims) + bias
 
 
@@ -337,7 +366,8 @@ class MultiHeadAttention(nn.Module):
     if width % num_heads:
       raise ValueError(f'width {width} is not divisible by num_heads {num_heads}')
     head_dim = width // num_heads
-    dtypes = dict(dtype=self.stack.dtype, param_dtype=self.stack.param_dtype)
+    dtypes = dict(dtype=self.stack.dtype, param_dtype=self.stack.param_dtype,
+                  quantize=self.stack.quantize)
 
     project_in = functools.partial(
         HeadsDense, kernel_shape=(width, num_heads, head_dim),
@@ -349,7 +379,7 @@ class MultiHeadAttention(nn.Module):
     projections = [project_in(name='query', **lora('query')),
                    project_in(name='key', use_bias=False, **lora('key')),
                    project_in(name='value', **lora('value'))]
-    if x_kv is x_q:
+    if x_kv is x_q and not self.stack.quantize:
       # Self-attention: one matmul with the three kernels side by side feeds the matrix units
       # better than three thin ones; the params stay three separate names.
       q_bqhd, k_bkhd, v_bkhd = _fused_projection(projections, x_q)
@@ -409,7 +439,7 @@ class MlpBlock(nn.Module):
     lora = _lora_kwargs(self.stack)
     dense = functools.partial(
         HeadsDense, in_dims=1, dtype=self.stack.dtype, param_dtype=self.stack.param_dtype,
-        kernel_init=_default_kernel_init, bias_init=nn.initializers.normal(stddev=1e-6))
+        quantize=self.stack.quantize, kernel_init=_default_kernel_init, bias_init=nn.initializers.normal(stddev=1e-6))
     h_blm = dense(kernel_shape=(width, self.stack.mlp_dim), kernel_axes=('embed', 'mlp'),
                   **lora('fc1'), name='fc1')(x_ble)
     h_blm = checkpoint_name(h_blm, 'mlp_hidden')

@@ -160,12 +160,16 @@ def build_context(model_config: Mapping[str, Any], vocab_size: int, *,
   if attention_impl != 'auto' and attention_impl not in layers.ATTENTION_IMPLS:
     raise ValueError(f'config.model.attention={attention_impl!r}; expected auto or one of '
                      f'{layers.ATTENTION_IMPLS}')
+  quantize = dict(model_config).get('quantize', '')
+  if quantize not in layers.QUANTIZE:
+    raise ValueError(f'config.model.quantize = {quantize!r}; expected one of {layers.QUANTIZE}.')
   try:
     layers.remat_policy(model_config['remat'], tuple(model_config['remat_save']))
   except ValueError as e:
     raise ValueError(f'config.model.{e}') from e
   return towers_lib.BuildContext(
       lora=lora_options(model_config),
+      quantize=quantize,
       embed_dim=model_config['embed_dim'], vocab_size=vocab_size,
       dtype=_dtype(model_config['dtype'], 'dtype'),
       param_dtype=_dtype(model_config['param_dtype'], 'param_dtype'),

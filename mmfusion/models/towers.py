@@ -42,6 +42,7 @@ class BuildContext:
   scan_layers: bool = False
   sow_attention: bool = False
   lora: layers.LoraOptions | None = None     # adapters on every stack's projections
+  quantize: str = ''                         # layers.QUANTIZE: the stacks' matmuls
 
   def stack(self, options: Mapping[str, Any], **sizes: int) -> layers.StackOptions:
     """StackOptions from a config dict's width / depth / mlp_dim / num_heads / dropout
@@ -54,7 +55,7 @@ class BuildContext:
         **sizes, dropout=options.get('dropout', 0.0), attention_impl=impl,
         sow_weights=self.sow_attention, remat=self.remat, remat_save=tuple(self.remat_save),
         scan_layers=self.scan_layers, dtype=self.dtype, param_dtype=self.param_dtype,
-        lora=self.lora)
+        lora=self.lora, quantize=self.quantize)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -140,3 +140,28 @@ def test_peft_train_names_sub_trees_that_learn_in_full():
 def test_bad_peft_settings_fail_naming_the_key(change, message):
   with pytest.raises(ValueError, match=re.escape(message)):
     _program({**LORA, **change})
+
+
+def test_export_writes_a_plain_workdir_of_the_merged_kernels(trained, tmp_path):
+  """python -m mmfusion.peft: the merged params, the config with peft off; clear errors for a
+  run without adapters and for an output that already holds checkpoints."""
+  from mmfusion import api
+  _, lora, _, _, after = trained
+  config = lora.config.to_dict()
+  source = tmp_path / 'lora'
+  checkpointer = ckpt.Checkpointer(str(source), max_to_keep=1, async_save=False)
+  checkpointer.save(3, {'params': after}, {'step': 3, 'config': config})
+  checkpointer.wait()
+  checkpointer.close()
+  assert peft.main(['--workdir', str(source), '--out', str(tmp_path / 'merged')]) == 0
+  merged = ckpt.load_params(str(tmp_path / 'merged'))
+  expected = peft.merge(after, scale=LORA['alpha'] / LORA['rank'])
+  assert set(ckpt.flatten(merged)) == set(ckpt.flatten(expected))
+  for path, value in ckpt.flatten(expected).items():
+    np.testing.assert_array_equal(ckpt.flatten(merged)[path], value, err_msg=path)
+  step_dir = ckpt.find_step_dir(str(tmp_path / 'merged'))
+  assert step_dir.endswith('/3') and api.load_config(step_dir).model.peft.type == ''
+  with pytest.raises(api.RunError, match='already holds checkpoints'):
+    peft.export(str(source), str(tmp_path / 'merged'))
+  with pytest.raises(api.RunError, match='no adapters to merge'):
+    peft.export(str(tmp_path / 'merged'), str(tmp_path / 'again'))

@@ -79,7 +79,8 @@ def _as_tuples(value: Any) -> Any:
   return value
 
 
-def _step_dir(workdir: str, step: int | None) -> str:
+def step_dir(workdir: str, step: int | None = None) -> str:
+  """The step directory of `workdir`'s newest checkpoint (or of `step`); RunError if none."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if not os.path.isdir(workdir):
     raise RunError(f'load_run: {workdir} does not exist.')
@@ -114,14 +115,14 @@ def load_run(workdir: str, *, step: int | None = None, data_dir: str | None = No
   names come from it). batch_size: rows per forward pass; default: its evaluators' (so that
   every forward pass has the shapes of theirs), else 256.
   """
-  step_dir = _step_dir(workdir, step)
-  config = load_config(step_dir)
+  found = step_dir(workdir, step)
+  config = load_config(found)
   if data_dir is not None:
     config.data.data_dir = data_dir
   if batch_size is None:
     batch_size = max((int(e.get('batch_size', 256)) for e in config.evals.values()), default=256)
-  return Run(config, ckpt_lib.load_params(step_dir), workdir=os.path.abspath(workdir),
-             step=int(os.path.basename(step_dir)), batch_size=batch_size)
+  return Run(config, ckpt_lib.load_params(found), workdir=os.path.abspath(workdir),
+             step=int(os.path.basename(found)), batch_size=batch_size)
 
 
 class Run:

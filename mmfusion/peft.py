@@ -49,7 +49,7 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
   from mmfusion import api
   from mmfusion import checkpoint as ckpt_lib
   from mmfusion.models import model as model_lib
-  step_dir = api._step_dir(workdir, step)
+  step_dir = api.step_dir(workdir, step)
   config = api.load_config(step_dir)
   lora = model_lib.lora_options(config.model)
   if lora is None:

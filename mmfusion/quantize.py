@@ -86,7 +86,7 @@ def export(workdir: str, out: str, step: int | None = None, data_dir: str | None
   from mmfusion import api
   from mmfusion import checkpoint as ckpt_lib
   from mmfusion import train
-  step_dir = api._step_dir(workdir, step)
+  step_dir = api.step_dir(workdir, step)
   if os.path.exists(os.path.join(out, 'checkpoints')):
     raise api.RunError(f'{out} already holds checkpoints; give an empty directory.')
   run = api.load_run(workdir, step=step, data_dir=data_dir)

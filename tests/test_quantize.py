@@ -75,10 +75,10 @@ def _int8_programs():
   import jax
   from test_train_program import program_and_batch, small_config
   out = []
-  for quantize in ('', 'int8'):
+  for kind in ('', 'int8'):
     config = small_config()
     config.unlock()
-    config.model.quantize = quantize
+    config.model.quantize = kind
     config.optim.warmup_steps = 0
     config.lock()
     out.append(program_and_batch(config))

@@ -51,10 +51,11 @@ def runs(tmp_path_factory):
   notebooks look for; the notebooks train the rest (fine-tuning and VQA on the tiny default
   dataset, which no shared run renders)."""
   runs_dir = tmp_path_factory.mktemp('runs')
-  for name, shared in (('shapes_clip_smoke', 'clip'), ('shapes_albef_smoke', 'albef'),
-                       ('shapes_trimodal_smoke', 'trimodal'),
-                       ('shapes_spoken_vqa_smoke', 'spoken_vqa')):
-    os.symlink(shared_runs.workdir(shared), runs_dir / name)
+  links = {'shapes_clip_smoke': 'clip', 'shapes_albef_smoke': 'albef',
+           'shapes_trimodal_smoke': 'trimodal', 'shapes_spoken_vqa_smoke': 'spoken_vqa'}
+  shared = shared_runs.workdirs(*links.values())
+  for name, run in links.items():
+    os.symlink(shared[run], runs_dir / name)
   return runs_dir, shared_runs.data_dir()
 
 

@@ -29,6 +29,9 @@ setuptools.setup(
         "speech": ["espeakng-loader>=0.2.4,<0.3"],
         # The notebooks in colabs/ (plots, inline figures); mmfusion.notebook needs them.
         "explore": ["matplotlib>=3.8", "ipython>=8"],
+        # Importing public weights (python -m mmfusion.import_weights): safetensors files and
+        # CLIP's tokenizer.json; PyTorch .pt files need torch besides.
+        "weights": ["safetensors>=0.4", "tokenizers>=0.20"],
         # Quantised training (config.model.quantize='int8'): Google's AQT, pure Python.
         "quantize": ["aqtp>=0.9,<0.10"],
         # pocketsphinx (BSD-2-Clause) only for the ASR check of the spoken data; jupytext,
@@ -36,7 +39,11 @@ setuptools.setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100",
                  "espeakng-loader>=0.2.4,<0.3", "pocketsphinx>=5.0,<6",
                  "matplotlib>=3.8", "ipython>=8", "jupytext>=1.16", "nbclient>=0.10",
-                 "nbformat>=5.9", "ipykernel>=6.29", "aqtp>=0.9,<0.10"],
+                 "nbformat>=5.9", "ipykernel>=6.29", "aqtp>=0.9,<0.10",
+                 # The reference models of the weight-import parity tests (CPU torch: the
+                 # bound keeps pip on the CPU build where it lies on disk, not a CUDA one).
+                 "torch>=2.4,<=2.13.0", "transformers>=4.50", "safetensors>=0.4",
+                 "tokenizers>=0.20"],
         # Only the open_clip peer of benchmarks/train_step.py; nothing else imports them.
         "bench": ["torch", "open_clip_torch"],
     },

@@ -185,7 +185,7 @@ class Run:
     if isinstance(values, str):
       values = [values]
     try:
-      return self.source.op(modality).from_raw(values)
+      return self.source.op(modality, check=False).from_raw(values)
     except (ValueError, TypeError) as e:
       raise RunError(f'{modality}: {e}') from None
 

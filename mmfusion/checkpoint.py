@@ -137,6 +137,26 @@ class Checkpointer:
     self._manager.close()
 
 
+def write_workdir(out: str, step: int, state: Mapping[str, Any], config: Any,
+                  meta: Mapping[str, Any]) -> str:
+  """A new workdir `out` holding one checkpoint (`state`: 'params' and any other items; `meta`
+  with `config` added) and its config.json, as the trainer writes them: what exports and
+  imports produce for `load_run` and `init_from`. Refuses a directory that already holds
+  checkpoints. Returns the step directory."""
+  import json     # noqa: PLC0415
+  if os.path.exists(os.path.join(out, CHECKPOINT_SUBDIR)):
+    raise CheckpointError(f'{out} already holds checkpoints; give an empty directory.')
+  os.makedirs(out, exist_ok=True)
+  meta = json.loads(json.dumps({**meta, 'config': config.to_dict()}, default=str))
+  checkpointer = Checkpointer(out, max_to_keep=1, async_save=False)
+  checkpointer.save(step, dict(state), meta)
+  checkpointer.wait()
+  checkpointer.close()
+  with open(os.path.join(out, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  return find_step_dir(out)
+
+
 def _path_str(keypath) -> str:
   """'opt_state/1/0/mu/image/kernel': the same for a live tree and orbax's metadata of it
   (which stores dataclasses and named tuples as dicts)."""

@@ -36,6 +36,10 @@ def base() -> ConfigDict:
       # 'question_mask' and 'answer') are targets.
       inputs=('image', 'text', 'label'),
       image_size=32,                      # pixels after resize
+      # Pixels in [0, 1] become (x - mean) / std per channel: [-1, 1] by default; imported
+      # weights bring their own (OpenAI CLIP's ImageNet-like statistics).
+      image_mean=(0.5, 0.5, 0.5),
+      image_std=(0.5, 0.5, 0.5),
       # Audio inputs (ops 'audio', 'spoken_question'): waveforms at this rate, zero-padded to
       # this length (a longer clip is refused); the audio tower's sample_rate must match.
       audio_sample_rate=16_000,
@@ -45,9 +49,14 @@ def base() -> ConfigDict:
       prefetch=2,                         # batches kept ready on device
   ))
   c.tokenizer = ConfigDict(dict(
-      model='',                           # path to a sentencepiece .model; '' -> train from captions
+      # A sentencepiece .model or a Hugging Face tokenizer.json; '' -> train one from captions.
+      model='',
       vocab_size=256,                     # when training one
       max_len=16,                         # tokens per text, EOS included
+      # For weights trained with other conventions (set by mmfusion.import_weights): the id
+      # padding holds (-1: the model's pad id, or 0), and a mask that is True on padding too.
+      pad_id=-1,
+      attend_padding=False,
   ))
 
   c.model = ConfigDict(dict(
@@ -113,6 +122,13 @@ def base() -> ConfigDict:
                         keep_if={}, pair=('image', 'text')),
   })
 
+  # Adversarial training (mmfusion/adversarial.py): type '' (off) | 'pgd' (pixel-space L-inf
+  # PGD on image towers, TeCoA-style; eps and step_size in 1/255 units) | 'freelb' (ascent on
+  # the token / patch embeddings of `modalities`, FreeLB; kl_weight > 0 adds VILLA's KL term).
+  # clean_weight (pgd): the share of the loss taken on the clean images.
+  c.adversarial = ConfigDict(dict(type='', eps=4.0, step_size=1.0, steps=3,
+                                  modalities=('image',), kl_weight=0.0, clean_weight=0.0))
+
   c.log_every = 50
   c.checkpoint = ConfigDict(dict(every=100, max_to_keep=2, async_save=True))
   c.init_from = ConfigDict(dict(
@@ -144,6 +160,13 @@ def base() -> ConfigDict:
 def lock(config: ConfigDict) -> ConfigDict:
   config.lock()
   return config
+
+
+def image_normalization(config: ConfigDict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(mean, std) per channel that pixels in [0, 1] are normalised with (configs saved before
+  the keys existed: [-1, 1])."""
+  return (tuple(config.data.get('image_mean', (0.5,) * 3)),
+          tuple(config.data.get('image_std', (0.5,) * 3)))
 
 
 def parse_arg(arg: str | None, **defaults):
@@ -237,8 +260,17 @@ def validate(config: ConfigDict, num_devices: int | None = None, num_granules: i
         and config.batch_size % max(k, 1) == 0,
         f'config.accum_steps = {k!r}: must be an integer >= 1 that divides config.batch_size '
         f'({config.batch_size}).')
+  if 'adversarial' in config:
+    from mmfusion import adversarial  # noqa: PLC0415
+    adversarial.validate(config.adversarial, config.model.towers, config.accum_steps)
   _need(config.data.image_size > 0,
         f'config.data.image_size = {config.data.image_size}: must be > 0.')
+  for key in ('image_mean', 'image_std'):
+    value = tuple(config.data[key])
+    _need(len(value) == 3 and all(isinstance(v, (int, float)) for v in value),
+          f'config.data.{key} = {value}: give one number per colour channel (3).')
+  _need(all(v > 0 for v in config.data.image_std),
+        f'config.data.image_std = {tuple(config.data.image_std)}: must be > 0.')
   _need(config.data.audio_sample_rate > 0 and config.data.audio_max_seconds > 0,
         f'config.data.audio_sample_rate = {config.data.audio_sample_rate} and '
         f'audio_max_seconds = {config.data.audio_max_seconds}: must be > 0.')

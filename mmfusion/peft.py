@@ -54,25 +54,18 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
   lora = model_lib.lora_options(config.model)
   if lora is None:
     raise api.RunError(f'{workdir}: config.model.peft.type is empty: no adapters to merge.')
-  if os.path.exists(os.path.join(out, 'checkpoints')):
-    raise api.RunError(f'{out} already holds checkpoints; give an empty directory.')
   params = merge(ckpt_lib.load_params(step_dir), lora.scale)
   config.unlock()
   config.model.peft.type = ''
   config.init_from.path = ''
-  number = int(os.path.basename(step_dir))
   with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
     meta = json.load(f)
-  meta['config'] = config.to_dict()
   meta['merged_from'] = os.path.abspath(step_dir)
-  os.makedirs(out, exist_ok=True)
-  checkpointer = ckpt_lib.Checkpointer(out, max_to_keep=1, async_save=False)
-  checkpointer.save(number, {'params': params}, json.loads(json.dumps(meta, default=str)))
-  checkpointer.wait()
-  checkpointer.close()
-  with open(os.path.join(out, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-  return ckpt_lib.find_step_dir(out)
+  try:
+    return ckpt_lib.write_workdir(out, int(os.path.basename(step_dir)), {'params': params},
+                                  config, meta)
+  except ckpt_lib.CheckpointError as e:
+    raise api.RunError(str(e)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

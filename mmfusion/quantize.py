@@ -87,7 +87,7 @@ def export(workdir: str, out: str, step: int | None = None, data_dir: str | None
   from mmfusion import checkpoint as ckpt_lib
   from mmfusion import train
   step_dir = api.step_dir(workdir, step)
-  if os.path.exists(os.path.join(out, 'checkpoints')):
+  if os.path.exists(os.path.join(out, ckpt_lib.CHECKPOINT_SUBDIR)):
     raise api.RunError(f'{out} already holds checkpoints; give an empty directory.')
   run = api.load_run(workdir, step=step, data_dir=data_dir)
   boxed = jax.eval_shape(run.model.init, jax.random.key(0), train.init_batch(run.config))
@@ -98,14 +98,9 @@ def export(workdir: str, out: str, step: int | None = None, data_dir: str | None
   with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
     meta = json.load(f)
   meta['quantized_from'] = os.path.abspath(step_dir)
-  os.makedirs(out, exist_ok=True)
-  checkpointer = ckpt_lib.Checkpointer(out, max_to_keep=1, async_save=False)
-  checkpointer.save(int(os.path.basename(step_dir)), {'params': params, SCALES: scales}, meta)
-  checkpointer.wait()
-  checkpointer.close()
-  with open(os.path.join(out, 'config.json'), 'w') as f:
-    f.write(run.config.to_json_best_effort(indent=2))
-  return ckpt_lib.find_step_dir(out), nbytes(original), nbytes(params) + nbytes(scales)
+  written = ckpt_lib.write_workdir(out, int(os.path.basename(step_dir)),
+                                   {'params': params, SCALES: scales}, run.config, meta)
+  return written, nbytes(original), nbytes(params) + nbytes(scales)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

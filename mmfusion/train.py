@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from mmfusion import accumulate
+from mmfusion import adversarial
 from mmfusion import checkpoint as ckpt_lib
 from mmfusion import config as config_lib
 from mmfusion import evals
@@ -173,10 +174,20 @@ class TrainProgram:
     rngs = {name: jax.random.fold_in(rng, i) if i else rng
             for i, name in enumerate(model_lib.RNG_STREAMS)}
 
-    def loss_of(out):
-      return objectives.total_loss(self.config.objectives, out, batch, step=state.step)
+    def loss_of(out, b=batch):
+      return objectives.total_loss(self.config.objectives, out, b, step=state.step)
 
-    if self.config.accum_steps > 1:
+    attack = dict(self.config.get('adversarial', {'type': ''}))
+    attack_key = jax.random.fold_in(rng, len(model_lib.RNG_STREAMS))
+    if attack['type'] == 'pgd':
+      mean, std = config_lib.image_normalization(self.config)
+      (_, metrics), grads = adversarial.pgd_value_and_grad(
+          self.model, state.params, batch, loss_of, rngs, attack, attack_key,
+          jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32))
+    elif attack['type'] == 'freelb':
+      (_, metrics), grads = adversarial.freelb_value_and_grad(
+          self.model, state.params, batch, loss_of, rngs, attack, attack_key)
+    elif self.config.accum_steps > 1:
       (_, metrics), grads = accumulate.value_and_grad(
           self.model, state.params, batch, loss_of, rngs, self.config.accum_steps)
     else:
@@ -208,6 +219,7 @@ class Trainer:
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
     config_lib.validate(config, jax.device_count(), sharding.granules()[0])
     self.source = sources.Source(config)
+    self.source.builder           # the dataset is resolved (and rendered) before anything else
     self.config = config = config_lib.resolve(config, self.source)
     self.mesh = sharding.make_mesh(config.mesh, dcn_config=config.mesh_dcn)
     vocab_size = (self.source.tokenizer.vocab_size

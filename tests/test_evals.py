@@ -668,7 +668,7 @@ RET = dict(type='retrieval', every=1, pair=('image', 'text'))
 @pytest.mark.parametrize('entry, heads, match', [
     (dict(type='zero_shot', every=1), {},
      r"config.evals.bad: unknown type 'zero_shot'; known types: captioning, classification, "
-     'retrieval, vqa, zeroshot'),
+     'retrieval, robustness, vqa, zeroshot'),
     (dict(every=1), {}, r'config.evals.bad has no "type"'),
     (dict(RET, templates=('a {}.',)), {},
      r"config.evals.bad: unknown key\(s\) \['templates'\] for type 'retrieval'"),

@@ -20,6 +20,8 @@ ALLOWED = {
     'data/spoken.py',   # the spoken configs of the embedded dataset
     'config.py',        # the defaults of the default (image-text) experiment
     'pointing.py',      # the pointing game: the embedded dataset's images and their objects
+    'import_weights.py',    # public image-text checkpoints (CLIP / SigLIP) as a run
+    'weights/readers.py',   # their tensors' names: the image and text towers of those models
 }
 NAMES_A_MODALITY = re.compile(r'(?<![A-Za-z])(image|text|audio)(?![A-Za-z])')
 

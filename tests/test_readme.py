@@ -28,8 +28,13 @@ def test_every_config_the_readme_names_loads():
   assert {'shapes_clip', 'shapes_siglip', 'shapes_finetune_cls', 'fusion/early'} <= names
   for name in names:
     path = os.path.join(ROOT, 'configs', f'{name}.py')
-    config = mmf_config.load_file(path)
-    assert config.is_locked
+    try:
+      config = mmf_config.load_file(path)
+      assert config.is_locked
+    except FileNotFoundError as e:
+      # A config built on another run's output (an imported workdir) loads once that exists;
+      # without it, it must say what to make.
+      assert 'mmfusion.import_weights' in str(e), (name, e)
     # Its docstring says how it is run: a training command, or the benchmark that uses it.
     with open(path) as f:
       assert re.search(rf'python -m (mmfusion\.main|benchmarks\.\w+) --config configs/{name}\.py',

@@ -1,14 +1,16 @@
 """The image modality's preprocessing, shared by training, evaluation and the public API: decode,
-resize (antialiased), colour jitter (training), normalise to [-1, 1]; registered as op 'image'.
+resize (antialiased), colour jitter (training), normalise (to [-1, 1] by default); registered as
+op 'image'.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from mmfusion import config as config_lib
 from mmfusion.data import ops
 
 # Colour jitter ranges, small enough that no colour name changes (hue is never touched):
@@ -40,9 +42,14 @@ def to_unit_range(images: tf.Tensor) -> tf.Tensor:
   return tf.cast(images, tf.float32) / 255.0
 
 
-def normalize(images: tf.Tensor) -> tf.Tensor:
-  """float32 in [0, 1] -> float32 in [-1, 1], what the image tower expects."""
-  return images * 2.0 - 1.0
+def normalize(images: tf.Tensor, mean: Sequence[float] = (0.5,) * 3,
+              std: Sequence[float] = (0.5,) * 3) -> tf.Tensor:
+  """float32 in [0, 1] -> (images - mean) / std per channel, what the image tower expects (by
+  default [-1, 1]). Computed as images * (1 / std) + (-mean / std): for the default that is
+  images * 2 - 1 exactly."""
+  scale = tf.constant([1.0 / s for s in std], tf.float32)
+  offset = tf.constant([-m / s for m, s in zip(mean, std)], tf.float32)
+  return images * scale + offset
 
 
 def colour_jitter(images_bhwc: tf.Tensor, u_bp: tf.Tensor) -> tf.Tensor:
@@ -80,6 +87,9 @@ class ImageOp(ops.Op):
     height, width = self.source.features['image'].shape[:2]
     return (height, width) if height and width else None
 
+  def normalize(self, images: tf.Tensor) -> tf.Tensor:
+    return normalize(images, *config_lib.image_normalization(self.config))
+
   def spec(self, batch_size):
     return {'image': ((batch_size, self.size, self.size, 3), np.float32)}
 
@@ -106,10 +116,10 @@ class ImageOp(ops.Op):
     images = to_unit_range(batch['image'])
     if self.config.data.augment:
       images = colour_jitter(images, u)
-    return {'image': normalize(images)}
+    return {'image': self.normalize(images)}
 
   def eval(self, batch):
-    return {'image': normalize(to_unit_range(batch['image']))}
+    return {'image': self.normalize(to_unit_range(batch['image']))}
 
   def from_raw(self, values: Any) -> dict[str, np.ndarray]:
     """Images [N, H, W, C] or a list of [H, W, C] or [H, W] arrays or PIL images (uint8, or

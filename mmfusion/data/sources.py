@@ -46,12 +46,17 @@ def resolve_data_dir(data_config: Any) -> str:
 
 
 class Source:
-  """The dataset of `config.data`, with its builder resolved (and rendered if local) once."""
+  """The dataset of `config.data`, with its builder resolved (and rendered if local) once, when
+  first needed: a run whose tokenizer is a file (imported weights) embeds plain inputs without
+  touching its dataset."""
 
   def __init__(self, config: Any):
     self.config = config
     self.data_dir = resolve_data_dir(config.data)
-    self.builder = get_builder(config.data)
+
+  @functools.cached_property
+  def builder(self):
+    return get_builder(self.config.data)
 
   @property
   def features(self) -> tfds.features.FeaturesDict:
@@ -79,12 +84,17 @@ class Source:
     from mmfusion.data import text   # the vocabulary of every token-id input
     return text.get_tokenizer(self)
 
-  def op(self, name: str):
-    """The input op `name` (data/ops.py) on this dataset, built and checked once."""
+  def op(self, name: str, check: bool = True):
+    """The input op `name` (data/ops.py) on this dataset, built once and checked against the
+    dataset's features once (`check` off: for plain inputs, which need no dataset)."""
     ops = self.__dict__.setdefault('_ops', {})
+    checked = self.__dict__.setdefault('_checked_ops', set())
     if name not in ops:
       from mmfusion.data import ops as ops_lib
-      ops[name] = ops_lib.build(self, [name])[name]
+      ops[name] = ops_lib.build(self, [name], check=False)[name]
+    if check and name not in checked:
+      ops[name].check()
+      checked.add(name)
     return ops[name]
 
   @functools.cached_property

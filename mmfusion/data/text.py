@@ -155,20 +155,24 @@ class QuestionOp(_TokenOp):
 # ------------------------------------------------------------------------ vocabularies
 
 
-def get_tokenizer(source: sources.Source) -> tokenizer_lib.Tokenizer:
-  """config.tokenizer.model if set; else a model trained on the train split's captions, cached
-  under <data_dir>/tokenizers/ and reused by every run on the dataset."""
+def get_tokenizer(source: sources.Source):
+  """config.tokenizer.model (sentencepiece `.model` or Hugging Face `tokenizer.json`) if set;
+  else a sentencepiece model trained on the train split's captions, cached under
+  <data_dir>/tokenizers/ and reused by every run on the dataset."""
   config = source.config
+  pad_id = config.tokenizer.get('pad_id', -1)
+  conventions = dict(pad_id=None if pad_id < 0 else pad_id,
+                     attend_padding=config.tokenizer.get('attend_padding', False))
   if config.tokenizer.model:
     path = os.path.expanduser(config.tokenizer.model)
     if not tf.io.gfile.exists(path):
-      raise FileNotFoundError(f'config.tokenizer.model: sentencepiece model not found: {path}')
-    return tokenizer_lib.Tokenizer(path)
+      raise FileNotFoundError(f'config.tokenizer.model: tokenizer file not found: {path}')
+    return tokenizer_lib.load(path, **conventions)
   vocab_size = config.tokenizer.vocab_size
   path = source.cache_path(f'v{vocab_size}.model')
   if not tf.io.gfile.exists(path):
     tokenizer_lib.train_tokenizer(_texts(source, TextOp.feature), path, vocab_size)
-  return tokenizer_lib.Tokenizer(path)
+  return tokenizer_lib.Tokenizer(path, **conventions)
 
 
 def answer_vocab(source: sources.Source) -> list[str]:

@@ -1,5 +1,6 @@
-"""Sentencepiece tokenization: train a model from captions, or load any `.model` file,
-and turn texts into fixed-length id/mask arrays (numpy, or inside tf.data).
+"""Tokenization: train a sentencepiece model from captions, or load any sentencepiece `.model`
+or Hugging Face `tokenizer.json` (CLIP's BPE, through the `tokenizers` library), and turn texts
+into fixed-length id/mask arrays (numpy, or inside tf.data). `load` picks by the file name.
 
 Conventions of the models `train_tokenizer` writes: pad_id=0, unk_id=1, bos_id=2,
 eos_id=3. `encode` appends EOS to every text, truncates to `max_len` keeping EOS as the
@@ -7,7 +8,13 @@ last token, and pads with the pad id; `mask` is True on real tokens, EOS include
 text tower can pool at the last True position (the EOS).
 
 Any other sentencepiece model works if it has an EOS piece. Many have no pad piece
-(pad_id -1): their texts are padded with id 0 and only `mask` tells padding apart.
+(pad_id -1): their texts are padded with id 0 and only `mask` tells padding apart. A
+`tokenizer.json` brings its own special tokens (CLIP: <|startoftext|> ... <|endoftext|>, added by
+its post-processor); its EOS is the last id it adds to every text.
+
+Weights trained elsewhere may pad differently: `pad_id` overrides the id padding holds, and
+`attend_padding` makes the mask True everywhere (SigLIP's text tower attends to its padding and
+pools at the last position).
 """
 from __future__ import annotations
 
@@ -49,64 +56,51 @@ def train_tokenizer(sentences: Iterable[str], model_path: str, vocab_size: int) 
   return model_path
 
 
-class Tokenizer:
-  """A sentencepiece model with mmfusion's fixed-length encode/decode conventions."""
+class _FixedLength:
+  """Fixed-length encoding shared by every backend: `_ids(texts)` gives each text's ids, EOS
+  last; `encode` truncates (keeping EOS last) and pads."""
 
-  def __init__(self, model_path: str):
+  def __init__(self, model_path: str, pad_id: int | None, attend_padding: bool):
     self.model_path = model_path
-    if not tf.io.gfile.exists(model_path):
-      raise FileNotFoundError(f'sentencepiece model not found: {model_path}')
-    self._sp = spm.SentencePieceProcessor()
-    try:
-      with tf.io.gfile.GFile(model_path, 'rb') as f:
-        self._sp.LoadFromSerializedProto(f.read())
-    except (RuntimeError, OSError, tf.errors.OpError) as e:
-      raise ValueError(f'not a readable sentencepiece model: {model_path} ({e})') from e
-    if self._sp.eos_id() < 0:
-      raise ValueError(f'sentencepiece model {model_path} has no EOS piece; mmfusion '
-                       'appends EOS to every text and pools the text tower there')
+    self._pad_override = pad_id
+    self.attend_padding = attend_padding
+
+  def _ids(self, texts: Sequence[str]) -> list[list[int]]:
+    raise NotImplementedError
 
   @property
   def vocab_size(self) -> int:
-    return self._sp.vocab_size()
-
-  @property
-  def pad_id(self) -> int:
-    """The id padding positions hold: the model's pad id, or 0 if it has none."""
-    return max(self._sp.pad_id(), 0)
+    raise NotImplementedError
 
   @property
   def eos_id(self) -> int:
-    return self._sp.eos_id()
+    raise NotImplementedError
+
+  @property
+  def _own_pad_id(self) -> int:
+    return 0
+
+  @property
+  def pad_id(self) -> int:
+    """The id padding positions hold: the override, else the model's pad id (0 if none)."""
+    return self._own_pad_id if self._pad_override is None else self._pad_override
 
   def encode(self, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Texts -> (ids int32 [N, max_len], mask bool [N, max_len]); see the module doc."""
     if max_len < 1:
       raise ValueError(f'max_len must be >= 1, got {max_len}')
-    pieces = self._sp.encode(list(texts))
-    ids = np.full((len(pieces), max_len), self.pad_id, np.int32)
-    lengths = np.empty(len(pieces), np.int32)
-    for row, p in enumerate(pieces):
-      p = p[:max_len - 1]
-      ids[row, :len(p)] = p
-      ids[row, len(p)] = self.eos_id
-      lengths[row] = len(p) + 1
+    rows = self._ids(list(texts))
+    ids = np.full((len(rows), max_len), self.pad_id, np.int32)
+    lengths = np.empty(len(rows), np.int32)
+    for i, row in enumerate(rows):
+      if len(row) > max_len:
+        row = row[:max_len - 1] + [self.eos_id]
+      ids[i, :len(row)] = row
+      lengths[i] = len(row)
     mask = np.arange(max_len)[None, :] < lengths[:, None]
+    if self.attend_padding:
+      mask = np.ones_like(mask)
     return ids, mask
-
-  def pieces(self, ids: Sequence[int]) -> list[str]:
-    """One row of ids -> its sentencepiece pieces ('▁red', '</s>'): labels for per-token plots."""
-    return [self._sp.id_to_piece(int(i)) for i in ids]
-
-  def decode(self, ids: np.ndarray | Sequence[Sequence[int]]) -> list[str]:
-    """ids [N, L] (or one row [L]) -> N texts; each stops at its first EOS."""
-    rows = np.atleast_2d(np.asarray(ids))
-    texts = []
-    for row in rows.tolist():
-      if self.eos_id in row:
-        row = row[:row.index(self.eos_id)]
-      texts.append(self._sp.decode([i for i in row if i != self._sp.pad_id()]))
-    return texts
 
   def tf_encode(self, texts: tf.Tensor, max_len: int) -> tuple[tf.Tensor, tf.Tensor]:
     """`encode` inside tf.data: strings [...] -> (ids int32 [..., L], mask bool [..., L]).
@@ -127,3 +121,106 @@ class Tokenizer:
     ids = tf.ensure_shape(tf.reshape(ids, out_shape), static_shape)
     mask = tf.ensure_shape(tf.reshape(mask, out_shape), static_shape)
     return ids, mask
+
+  def _until_eos(self, ids: np.ndarray | Sequence[Sequence[int]]) -> list[list[int]]:
+    rows = np.atleast_2d(np.asarray(ids)).tolist()
+    return [row[:row.index(self.eos_id)] if self.eos_id in row else row for row in rows]
+
+
+class Tokenizer(_FixedLength):
+  """A sentencepiece model with mmfusion's fixed-length encode/decode conventions."""
+
+  def __init__(self, model_path: str, pad_id: int | None = None, attend_padding: bool = False):
+    super().__init__(model_path, pad_id, attend_padding)
+    if not tf.io.gfile.exists(model_path):
+      raise FileNotFoundError(f'sentencepiece model not found: {model_path}')
+    self._sp = spm.SentencePieceProcessor()
+    try:
+      with tf.io.gfile.GFile(model_path, 'rb') as f:
+        self._sp.LoadFromSerializedProto(f.read())
+    except (RuntimeError, OSError, tf.errors.OpError) as e:
+      raise ValueError(f'not a readable sentencepiece model: {model_path} ({e})') from e
+    if self._sp.eos_id() < 0:
+      raise ValueError(f'sentencepiece model {model_path} has no EOS piece; mmfusion '
+                       'appends EOS to every text and pools the text tower there')
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.vocab_size()
+
+  @property
+  def _own_pad_id(self) -> int:
+    return max(self._sp.pad_id(), 0)
+
+  @property
+  def eos_id(self) -> int:
+    return self._sp.eos_id()
+
+  def _ids(self, texts):
+    return [p + [self.eos_id] for p in self._sp.encode(list(texts))]
+
+  def pieces(self, ids: Sequence[int]) -> list[str]:
+    """One row of ids -> its sentencepiece pieces ('▁red', '</s>'): labels for per-token plots."""
+    return [self._sp.id_to_piece(int(i)) for i in ids]
+
+  def decode(self, ids: np.ndarray | Sequence[Sequence[int]]) -> list[str]:
+    """ids [N, L] (or one row [L]) -> N texts; each stops at its first EOS."""
+    return [self._sp.decode([i for i in row if i != self._sp.pad_id()])
+            for row in self._until_eos(ids)]
+
+
+class HFTokenizer(_FixedLength):
+  """A Hugging Face `tokenizer.json` (e.g. CLIP's byte-level BPE) through the `tokenizers`
+  library: its normaliser, pre-tokeniser and post-processor (which adds the special tokens)
+  are the file's own."""
+
+  def __init__(self, model_path: str, pad_id: int | None = None, attend_padding: bool = False):
+    super().__init__(model_path, pad_id, attend_padding)
+    try:
+      import tokenizers
+    except ImportError:
+      raise ImportError(f'{model_path} is a Hugging Face tokenizer: pip install tokenizers '
+                        "(mmfusion's [weights] extra)") from None
+    if not tf.io.gfile.exists(model_path):
+      raise FileNotFoundError(f'tokenizer file not found: {model_path}')
+    try:
+      with tf.io.gfile.GFile(model_path, 'r') as f:
+        self._tok = tokenizers.Tokenizer.from_str(f.read())
+    except Exception as e:       # the library raises its own exception types for a bad file
+      raise ValueError(f'not a readable tokenizer.json: {model_path} ({e})') from e
+    self._tok.no_truncation()
+    self._tok.no_padding()
+    added = self._tok.encode('').ids
+    if not added:
+      raise ValueError(f'{model_path} adds no end token to a text; mmfusion pools the text '
+                       'tower at the last real token, which must be one.')
+    self._eos = added[-1]
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def eos_id(self) -> int:
+    return self._eos
+
+  def _ids(self, texts):
+    return [e.ids for e in self._tok.encode_batch(list(texts))]
+
+  def pieces(self, ids: Sequence[int]) -> list[str]:
+    return [self._tok.id_to_token(int(i)) or '' for i in ids]
+
+  def decode(self, ids: np.ndarray | Sequence[Sequence[int]]) -> list[str]:
+    """ids [N, L] (or one row [L]) -> N texts; each stops at its first EOS."""
+    texts = self._tok.decode_batch(self._until_eos(ids), skip_special_tokens=True)
+    # CLIP's BPE marks word ends with a suffix ('</w>') that its byte-level decoder keeps.
+    suffix = getattr(self._tok.model, 'end_of_word_suffix', None)
+    return [' '.join(t.replace(suffix, ' ').split()) if suffix else t for t in texts]
+
+
+def load(model_path: str, pad_id: int | None = None, attend_padding: bool = False
+         ) -> Tokenizer | HFTokenizer:
+  """The tokenizer in `model_path`: a `.json` file is a Hugging Face tokenizer, anything else
+  a sentencepiece model."""
+  cls = HFTokenizer if model_path.endswith('.json') else Tokenizer
+  return cls(model_path, pad_id=pad_id, attend_padding=attend_padding)

@@ -1,5 +1,6 @@
 """Evaluators by type: zero-shot classification, retrieval recall@k (optionally ITM re-ranked),
-head classification, VQA accuracy, captioning (BLEU-4 and attribute accuracy).
+head classification, VQA accuracy, captioning (BLEU-4 and attribute accuracy), robustness
+(zero-shot accuracy under pixel-space attacks).
 
 `build(name, config.evals[name], ...)` checks the entry and returns an object whose
 `run(params)` yields (metric_name, float) pairs; the trainer logs them as f'{name}/{metric}'.
@@ -12,6 +13,7 @@ from mmfusion.evals import common
 from mmfusion.evals.captioning import Captioning
 from mmfusion.evals.classification import Classification
 from mmfusion.evals.retrieval import Retrieval
+from mmfusion.evals.robustness import Robustness
 from mmfusion.evals.vqa import VQA
 from mmfusion.evals.zeroshot import ZeroShot
 
@@ -23,6 +25,7 @@ REGISTRY: dict[str, type[common.Evaluator]] = {
     'classification': Classification,
     'vqa': VQA,
     'captioning': Captioning,
+    'robustness': Robustness,
 }
 
 

@@ -10,6 +10,7 @@ Decoding in brief:
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -118,7 +119,7 @@ class DecoderBlock(nn.Module):
                deterministic: bool = True, decode: bool = False,
                index: Array | None = None) -> Array:
     stack = self.stack
-    ln = lambda name: layers.layer_norm(stack.dtype, stack.param_dtype, name)
+    ln = functools.partial(layers.stack_norm, stack)
     drop = lambda y: nn.Dropout(stack.dropout)(y, deterministic)
     x_blw = layers.constrain(x_blw, ('batch', 'length', 'embed'))
 
@@ -225,7 +226,7 @@ class TextDecoder(nn.Module):
       x_blw = DecoderBlock(stack, max_len=self.max_len, name=f'block_{i}')(
           x_blw, context_bnw, context_mask_bn, deterministic=not train, decode=decode,
           index=index)
-    x_blw = layers.layer_norm(stack.dtype, stack.param_dtype, 'decoder_norm')(x_blw)
+    x_blw = layers.stack_norm(stack, 'decoder_norm')(x_blw)
     logits_blv = nn.Dense(
         self.vocab_size, dtype=stack.dtype, param_dtype=stack.param_dtype,
         kernel_init=layers.named_init(nn.initializers.xavier_uniform(), ('embed', 'vocab')),

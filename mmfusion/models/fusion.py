@@ -133,7 +133,7 @@ class FusionBlock(nn.Module):
   def __call__(self, x_bnw: Array, mask_bn: Array, context_bmw: Array | None = None,
                context_mask_bm: Array | None = None, deterministic: bool = True) -> Array:
     stack = self.stack
-    norm = functools.partial(layers.layer_norm, stack.dtype, stack.param_dtype)
+    norm = functools.partial(layers.stack_norm, stack)
     attention = functools.partial(layers.MultiHeadAttention, stack)
     residual = lambda x, y: layers.constrain(
         x + nn.Dropout(stack.dropout)(y, deterministic), BLE)
@@ -373,7 +373,7 @@ class Fusion(nn.Module):
     return block_cls(self.stack, cross=cross, name=name)
 
   def _norm(self, name: str) -> nn.LayerNorm:
-    return layers.layer_norm(self.stack.dtype, self.stack.param_dtype, name)
+    return layers.stack_norm(self.stack, name)
 
   def _prepend_cls(self, name: str, x_bnw: Array, mask_bn: Array) -> tuple[Array, Array]:
     cls_11w = self.param(name, layers.named_init(nn.initializers.zeros, (None, None, 'embed')),

@@ -1,7 +1,7 @@
 """Pre-LN transformer pieces shared by every tower, fusion module and decoder: the options of a
 stack (`StackOptions`, with the size presets), attention (self and cross), MLP, block, encoder.
 Every param and main activation carries logical axis names; the config's rules map them to a mesh.
-(~420 lines: every piece the stacks share, so that none of them is written twice.)
+(~490 lines: every piece the stacks share, so that none of them is written twice.)
 """
 from __future__ import annotations
 
@@ -33,6 +33,13 @@ REMAT_POLICIES = ('none', 'full', 'save_dots', 'named')
 #   mlp_hidden the first MLP matmul, before the GELU [B,L,mlp]
 #   mlp_out    the second MLP matmul [B,L,W]
 CHECKPOINT_NAMES = ('qkv', 'attention', 'attn_out', 'mlp_hidden', 'mlp_out')
+# The MLP's non-linearity: GELU's tanh approximation (ViT, big_vision, SigLIP; the default), exact
+# GELU (open_clip's own models) and OpenAI CLIP's x * sigmoid(1.702 x).
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    'gelu_tanh': functools.partial(nn.gelu, approximate=True),
+    'gelu_erf': functools.partial(nn.gelu, approximate=False),
+    'quick_gelu': lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
 
 _default_kernel_init = nn.initializers.xavier_uniform()
 
@@ -76,6 +83,8 @@ class StackOptions:
   blocks, attentions and MLPs, so no module repeats these fields. `attention_impl`, `remat` and
   `scan_layers` change speed and memory, never the maths; `sow_weights` records attention
   weights (needs attention_impl='explicit'); `lora` adds low-rank adapters to its projections.
+  `activation` (ACTIVATIONS) and `norm_eps` (the LayerNorms' epsilon) are there for weights
+  trained elsewhere: OpenAI CLIP uses quick_gelu and 1e-5.
   """
   width: int
   depth: int
@@ -91,6 +100,8 @@ class StackOptions:
   param_dtype: Dtype = jnp.float32
   lora: LoraOptions | None = None
   quantize: str = ''
+  activation: str = 'gelu_tanh'
+  norm_eps: float = 1e-6
 
   def __post_init__(self):
     if self.width <= 0 or self.depth < 0 or self.mlp_dim <= 0 or self.num_heads <= 0:
@@ -108,6 +119,10 @@ class StackOptions:
       raise ValueError(f'quantize={self.quantize!r}; expected one of {QUANTIZE}')
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f'dropout={self.dropout} must be in [0, 1)')
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f'activation={self.activation!r}; expected one of {sorted(ACTIVATIONS)}')
+    if not 0.0 < self.norm_eps < 1.0:
+      raise ValueError(f'norm_eps={self.norm_eps} must be in (0, 1)')
 
   @property
   def head_dim(self) -> int:
@@ -159,12 +174,18 @@ def constrain(x: Array, names: Sequence[str | None]) -> Array:
   return nn.with_logical_constraint(x, tuple(names))
 
 
-def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str, epsilon: float = 1e-6
+               ) -> nn.LayerNorm:
   # Flax computes the statistics in float32 even when `dtype` is bfloat16.
   return nn.LayerNorm(
-      dtype=dtype, param_dtype=param_dtype, name=name,
+      dtype=dtype, param_dtype=param_dtype, name=name, epsilon=epsilon,
       scale_init=named_init(nn.initializers.ones, ('embed',)),
       bias_init=named_init(nn.initializers.zeros, ('embed',)))
+
+
+def stack_norm(stack: StackOptions, name: str) -> nn.LayerNorm:
+  """A LayerNorm of `stack` (its dtypes and epsilon)."""
+  return layer_norm(stack.dtype, stack.param_dtype, name, stack.norm_eps)
 
 
 def _as_4d(mask: Array) -> Array:
@@ -375,7 +396,7 @@ class MultiHeadAttention(nn.Module):
 
 
 class MlpBlock(nn.Module):
-  """Dense -> GELU -> dropout -> Dense, back to the input width (hidden: `stack.mlp_dim`)."""
+  """Dense -> activation -> dropout -> Dense, back to the input width (hidden: `stack.mlp_dim`)."""
   stack: StackOptions
 
   @nn.compact
@@ -388,7 +409,7 @@ class MlpBlock(nn.Module):
     h_blm = dense(kernel_shape=(width, self.stack.mlp_dim), kernel_axes=('embed', 'mlp'),
                   **lora('fc1'), name='fc1')(x_ble)
     h_blm = checkpoint_name(h_blm, 'mlp_hidden')
-    h_blm = constrain(nn.gelu(h_blm), ('batch', 'length', 'mlp'))
+    h_blm = constrain(ACTIVATIONS[self.stack.activation](h_blm), ('batch', 'length', 'mlp'))
     h_blm = nn.Dropout(self.stack.dropout)(h_blm, deterministic)
     out = dense(kernel_shape=(self.stack.mlp_dim, width), kernel_axes=('mlp', 'embed'),
                 **lora('fc2'), name='fc2')(h_blm)
@@ -410,11 +431,11 @@ class EncoderBlock(nn.Module):
                deterministic: bool = True) -> Array:
     stack = self.stack
     x_ble = constrain(x_ble, ('batch', 'length', 'embed'))
-    y = layer_norm(stack.dtype, stack.param_dtype, 'ln_attn')(x_ble)
+    y = stack_norm(stack, 'ln_attn')(x_ble)
     y = MultiHeadAttention(stack, causal=self.causal, name='attn')(y, mask=mask)
     x_ble = x_ble + nn.Dropout(stack.dropout)(y, deterministic)
 
-    y = layer_norm(stack.dtype, stack.param_dtype, 'ln_mlp')(x_ble)
+    y = stack_norm(stack, 'ln_mlp')(x_ble)
     y = MlpBlock(stack, name='mlp')(y, deterministic)
     x_ble = x_ble + nn.Dropout(stack.dropout)(y, deterministic)
     return constrain(x_ble, ('batch', 'length', 'embed'))
@@ -473,4 +494,4 @@ class Encoder(nn.Module):
     else:
       for i in range(stack.depth):
         x_ble = block_cls(stack, self.causal, name=f'block_{i}')(x_ble, mask, deterministic)
-    return layer_norm(stack.dtype, stack.param_dtype, 'encoder_norm')(x_ble)
+    return stack_norm(stack, 'encoder_norm')(x_ble)

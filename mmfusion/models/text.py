@@ -74,6 +74,7 @@ class TextEncoder(nn.Module):
     pos_init = layers.named_init(nn.initializers.normal(stddev=0.02), ('length', 'embed'))
     pos_lw = self.param('pos_embedding', pos_init, (length, stack.width), stack.param_dtype)
     x_blw = layers.constrain(x_blw + pos_lw.astype(stack.dtype)[None], ('batch', 'length', 'embed'))
+    x_blw = towers.adversarial_hook(self, x_blw)
 
     if self.pool == 'cls':
       cls_11w = self.param('cls', layers.named_init(nn.initializers.zeros, (None, None, 'embed')),
@@ -105,7 +106,7 @@ class TextEncoder(nn.Module):
 
 @towers.register('text', takes_tokens=True, options=dict(
     variant='', width=96, depth=2, mlp_dim=384, num_heads=4, causal=True, pool='eos',
-    dropout=0.0))
+    dropout=0.0, activation='gelu_tanh', norm_eps=1e-6))
 def make_text(options: dict, context: towers.BuildContext) -> TextEncoder:
   sizes = layers.decode_variant(options['variant'])
   if 'patch_size' in sizes:

@@ -45,14 +45,16 @@ class BuildContext:
   quantize: str = ''                         # layers.QUANTIZE: the stacks' matmuls
 
   def stack(self, options: Mapping[str, Any], **sizes: int) -> layers.StackOptions:
-    """StackOptions from a config dict's width / depth / mlp_dim / num_heads / dropout
-    (`sizes` override them: a variant's), with this context's compute settings. Attention
+    """StackOptions from a config dict's width / depth / mlp_dim / num_heads / dropout (and
+    activation / norm_eps where the tower type takes them; `sizes` override the sizes: a
+    variant's), with this context's compute settings. Attention
     weights are recorded only with the 'explicit' implementation, which sow_attention forces."""
     sizes = {k: sizes.get(k, options[k]) for k in ('width', 'depth', 'mlp_dim', 'num_heads')}
     impl = 'explicit' if self.sow_attention else layers.resolve_attention_impl(
         self.attention, self.dtype, sizes['width'] // max(sizes['num_heads'], 1))
     return layers.StackOptions(
         **sizes, dropout=options.get('dropout', 0.0), attention_impl=impl,
+        activation=options.get('activation', 'gelu_tanh'), norm_eps=options.get('norm_eps', 1e-6),
         sow_weights=self.sow_attention, remat=self.remat, remat_save=tuple(self.remat_save),
         scan_layers=self.scan_layers, dtype=self.dtype, param_dtype=self.param_dtype,
         lora=self.lora, quantize=self.quantize)
@@ -105,6 +107,15 @@ def build(modality: str, tower_config: Mapping[str, Any], context: BuildContext)
     if str(e).startswith('config.'):
       raise
     raise ValueError(f'config.model.towers.{modality}: {e}') from e
+
+
+def adversarial_hook(tower: nn.Module, x_bnw: Array) -> Array:
+  """A tower's token / patch embeddings (after the position embedding) plus the perturbation
+  that adversarial training passes in the 'adversarial' collection (mmfusion/adversarial.py,
+  FreeLB / VILLA); unchanged when none is passed, and never created at init."""
+  if tower.is_initializing():
+    return x_bnw
+  return tower.perturb('embedded', x_bnw, collection='adversarial')
 
 
 def projection(embed_dim: int, stack: layers.StackOptions) -> nn.Dense:

@@ -30,7 +30,7 @@ class MAPHead(nn.Module):
     probe_b1w = jnp.tile(probe_11w.astype(stack.dtype), (batch, 1, 1))
     key_mask = None if mask_bn is None else mask_bn[:, None, None, :]
     x_b1w = layers.MultiHeadAttention(stack, name='attn')(probe_b1w, x_bnw, mask=key_mask)
-    y_b1w = layers.layer_norm(stack.dtype, stack.param_dtype, 'ln')(x_b1w)
+    y_b1w = layers.stack_norm(stack, 'ln')(x_b1w)
     x_b1w = x_b1w + layers.MlpBlock(stack, name='mlp')(y_b1w)
     return x_b1w[:, 0]
 
@@ -44,13 +44,17 @@ class ViT(nn.Module):
   [B,D] = proj(pooled), NOT normalised (MultimodalModel normalises, in float32). tokens and
   pooled are in the compute dtype.
 
-  Param names: embedding (patch conv), pos_embedding [N,W], cls (pool='cls'), encoder,
-  map_head (pool='map'), proj.
+  `pre_norm` adds a LayerNorm ('pre_norm') between the embeddings and the encoder, as OpenAI's
+  CLIP has (its ln_pre).
+
+  Param names: embedding (patch conv), pos_embedding [N,W], cls (pool='cls'), pre_norm,
+  encoder, map_head (pool='map'), proj.
   """
   embed_dim: int
   patch_size: int
   stack: layers.StackOptions
   pool: str = 'gap'
+  pre_norm: bool = False
 
   def __post_init__(self):
     if self.pool not in POOLS:
@@ -78,17 +82,20 @@ class ViT(nn.Module):
     batch, gh, gw, _ = x.shape
     x_bnw = x.reshape(batch, gh * gw, stack.width)
 
-    # The table is sized by the image at init; loading it for another image size needs
-    # resampling (big_vision's `resample_posemb`), which is future work in checkpoint loading.
+    # The table is sized by the image at init; weights imported for another image size are
+    # resampled (mmfusion/weights/posemb.py).
     pos_init = layers.named_init(nn.initializers.normal(stddev=0.02), ('length', 'embed'))
     pos_nw = self.param('pos_embedding', pos_init, (gh * gw, stack.width), stack.param_dtype)
     x_bnw = layers.constrain(x_bnw + pos_nw.astype(stack.dtype)[None], ('batch', 'length', 'embed'))
+    x_bnw = towers.adversarial_hook(self, x_bnw)
 
     if self.pool == 'cls':
       cls_11w = self.param('cls', layers.named_init(nn.initializers.zeros, (None, None, 'embed')),
                            (1, 1, stack.width), stack.param_dtype)
       x_bnw = jnp.concatenate([jnp.tile(cls_11w.astype(stack.dtype), (batch, 1, 1)), x_bnw], axis=1)
 
+    if self.pre_norm:
+      x_bnw = layers.stack_norm(stack, 'pre_norm')(x_bnw)
     x_bnw = nn.Dropout(stack.dropout)(x_bnw, not train)
     x_bnw = layers.Encoder(stack, name='encoder')(x_bnw, None, not train)
 
@@ -107,10 +114,10 @@ class ViT(nn.Module):
 
 @towers.register('vit', options=dict(
     variant='', patch_size=8, width=96, depth=3, mlp_dim=384, num_heads=4, pool='gap',
-    dropout=0.0))
+    dropout=0.0, pre_norm=False, activation='gelu_tanh', norm_eps=1e-6))
 def make_vit(options: dict, context: towers.BuildContext) -> ViT:
   """`variant` ('B/16', 'S', ...) overrides the explicit sizes, and the patch size with '/P'."""
   sizes = layers.decode_variant(options['variant'])
   patch_size = sizes.pop('patch_size', options['patch_size'])
   return ViT(embed_dim=context.embed_dim, patch_size=patch_size, pool=options['pool'],
-             stack=context.stack(options, **sizes))
+             pre_norm=options['pre_norm'], stack=context.stack(options, **sizes))

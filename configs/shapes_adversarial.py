@@ -13,6 +13,12 @@ images, half of the loss on the clean ones. The `robustness` evaluator reports z
   python -m mmfusion.evaluate --workdir workdirs/shapes_clip \
       --evals_from configs/shapes_adversarial.py --names zeroshot,robustness
 
+Result (2-core CPU, 2026-12-06; zero-shot accuracy on the 959 single-object test images, clean
+and at eps 1 / 2 / 4 / 8 /255, PGD-10 then the strong set):
+  default run:                      1.000; 0.707 / 0.257 / 0.022 / 0.000; 0.697 / 0.224 / 0.005 / 0.000
+  this config, 300 steps:           0.935; 0.849 / 0.712 / 0.491 / 0.127; 0.820 / 0.663 / 0.446 / 0.104
+  `:steps=1000` (43 min wall):      0.964; 0.930 / 0.867 / 0.672 / 0.265; 0.926 / 0.857 / 0.651 / 0.247
+
 Arguments: `init=PATH` (default workdirs/shapes_clip), `eps=` (training radius, 1/255 units),
 `steps=` (training steps), `attack_steps=` (PGD steps per training step), `clean=` (the share
 of the loss on the clean images; 0 = adversarial images only, as TeCoA), `smoke`.

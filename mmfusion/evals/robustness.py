@@ -93,18 +93,13 @@ class Robustness(ZeroShot):
     return out
 
   def run(self, params: common.Params) -> Iterator[tuple[str, float]]:
-    names = self.source.class_names()
-    if not names:
-      raise self.error('the dataset has no class names.')
-    classes = self.replicate(self.class_embeddings(params, names))
+    names, classes = self.dataset_classes(params)
+    classes = self.replicate(classes)
     counter = iter(range(1 << 30))     # each batch its own random starts
-    rows = self.collect(lambda batch: {
+    rows, num_examples = self.checked_rows(lambda batch: {
         **self._attack(params, batch[self.modality], batch['label'], classes,
                        np.int32(next(counter))),
-        'label': batch['label']})
-    num_examples = len(rows.get('label', ()))
-    common.check_not_empty(self, num_examples)
-    common.check_labels(self, rows['label'], len(names))
+        'label': batch['label']}, len(names))
     yield 'clean_accuracy', float(np.mean(rows['clean']))
     steps = self.options['steps']
     for i, eps in enumerate(self.options['eps']):

@@ -72,18 +72,27 @@ class ZeroShot(common.Evaluator):
                               self.batch_size)
     return ensemble(emb, len(class_names), len(self.templates))
 
-  def run(self, params: common.Params) -> Iterator[tuple[str, float]]:
+  def dataset_classes(self, params: common.Params) -> tuple[list[str], np.ndarray]:
+    """(the dataset's class names, their [C, D] prompt embeddings); no names fails."""
     names = self.source.class_names()
     if not names:
       raise self.error('the dataset has no class names.')
-    classes = self.class_embeddings(params, names)
-    rows = self.collect(lambda batch: {
-        'embedding': self._embed(params, common.modality_entries(batch, self.modality)),
-        'label': batch['label'],
-    })
+    return names, self.class_embeddings(params, names)
+
+  def checked_rows(self, fn, num_classes: int) -> tuple[dict[str, np.ndarray], int]:
+    """`collect(fn)` (whose rows carry 'label') and their count; empty or bad labels fail."""
+    rows = self.collect(fn)
     num_examples = len(rows.get('label', ()))
     common.check_not_empty(self, num_examples)
-    common.check_labels(self, rows['label'], len(names))
+    common.check_labels(self, rows['label'], num_classes)
+    return rows, num_examples
+
+  def run(self, params: common.Params) -> Iterator[tuple[str, float]]:
+    names, classes = self.dataset_classes(params)
+    rows, num_examples = self.checked_rows(lambda batch: {
+        'embedding': self._embed(params, common.modality_entries(batch, self.modality)),
+        'label': batch['label'],
+    }, len(names))
 
     scores = rows['embedding'].astype(np.float32) @ classes.T     # [N, C]
     pred = np.argmax(scores, axis=1)

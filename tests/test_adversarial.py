@@ -133,16 +133,18 @@ def test_bad_adversarial_settings_fail_naming_the_key(override, message):
 
 def test_the_robustness_evaluator_agrees_with_zeroshot_and_attacks_only_lower_it():
   """On the session's small CLIP run (tests/shared_runs.py), whose zero-shot accuracy is well
-  above zero."""
+  above chance. The first 64 test images (28 with one object) and short attacks: the tests'
+  unoptimised XLA (tests/xla_flags.py) runs each attack step slowly."""
   run = api.load_run(shared_runs.workdir('clip'), data_dir=shared_runs.data_dir())
   built = dict(model=run.model, config=run.config, source=run.source)
-  common = dict(split='test', batch_size=128, keep_if={'num_objects': 1}, modality='image',
+  common = dict(split='test[:64]', batch_size=32, keep_if={'num_objects': 1}, modality='image',
                 prompts='text', templates=('a {}.',))
   clean = dict(ZeroShot('zs', **built, **common).run(run.params))['accuracy']
   rob = robustness.Robustness('rob', **built, **common, eps=(1e-4, 16.0), steps=3, strong=True,
-                              strong_steps=3, restarts=1)
+                              strong_steps=1, restarts=1)
   got = dict(rob.run(run.params))
-  assert clean > 0.2 and got['clean_accuracy'] == pytest.approx(clean)
+  assert got['num_examples'] >= 20
+  assert clean > 3 / 30 and got['clean_accuracy'] == pytest.approx(clean)   # 3x chance
   assert got['pgd3_eps0.0001'] == pytest.approx(clean, abs=1.5 / got['num_examples'])
   assert got['pgd3_eps16'] < got['clean_accuracy']
   for eps in ('0.0001', '16'):

@@ -42,25 +42,26 @@ def test_pipeline_benchmark_writes_consistent_json(data_dir, tmp_path):
   assert 'headroom' in run.stdout
 
 
-def test_compile_time_benchmark_times_every_mode_and_depth(tmp_path):
+def test_compile_time_benchmark_times_each_depth_in_a_fresh_process(tmp_path):
   out = tmp_path / 'compile.json'
   shrink = ['--config.data.image_size=16', '--config.tokenizer.max_len=8',
             '--config.batch_size=8']
   # The session's unoptimised XLA (conftest.py) reaches the benchmark's compile subprocesses:
-  # the harness, not the code, is under test here.
+  # the harness, not the code, is under test here, so one mode (two fresh processes) will do;
+  # the modes differ only in the config flag each process is given.
   run = run_module('benchmarks.compile_time', '--config=configs/benchmark.py:tiny',
-                   '--depths=1,2', '--repeats=1', '--no_record', f'--json_out={out}', *shrink)
+                   '--depths=1,2', '--modes=scan', '--repeats=1', '--no_record',
+                   f'--json_out={out}', *shrink)
   assert run.returncode == 0, run.stdout + run.stderr
   result = json.loads(out.read_text())
-  assert sorted((r['mode'], r['depth']) for r in result['results']) == [
-      ('scan', 1), ('scan', 2), ('unrolled', 1), ('unrolled', 2)]
+  assert sorted((r['mode'], r['depth']) for r in result['results']) == [('scan', 1), ('scan', 2)]
   for r in result['results']:
     assert r['lower_s'] > 0 and r['compile_s'] > 0, r
     assert r['total_s'] == pytest.approx(r['lower_s'] + r['compile_s'])
   # The overrides reached the measured processes, and the verdict is printed.
   assert all(flag in result['config'] for flag in shrink)
   assert 'target: with scan' in run.stdout
-  assert set(result['ratios']) == {'scan', 'unrolled'}
+  assert set(result['ratios']) == {'scan'} and 'scan_total_ratio_meets_target' in result
   assert {'date', 'machine', 'commit'} <= set(result)
 
 

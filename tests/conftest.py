@@ -1,5 +1,5 @@
 """Test-wide settings: quiet TensorFlow, CPU only, fast-compiling XLA, a session directory with
-a compilation cache; `configs/` importable; the tiny dataset's fixtures."""
+a compilation cache, the slowest files first; `configs/` importable; the tiny dataset's fixtures."""
 import os
 import shutil
 import sys
@@ -40,7 +40,6 @@ def pytest_unconfigure(config):
     shutil.rmtree(config._mmfusion_session_dir, ignore_errors=True)
 
 
-
 # The files that take longest (measured on 2 cores, 2026-12-06), run first: the two xdist workers
 # take whole files in this order, so the last files to run are short ones and both workers end
 # together instead of one idling while the other finishes a long file. (xdist's own reordering,
@@ -57,6 +56,7 @@ SLOWEST_FILES = (
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: keeps the rest
+
 
 # -- the tiny dataset of the data tests (a module that needs another defines its own data_dir) --
 # jax and TensorFlow are imported inside the fixtures: a module-level import here would load

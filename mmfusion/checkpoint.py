@@ -5,16 +5,20 @@ A checkpoint step holds two items: `state` (params, optimizer state, step, rng) 
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Mapping
+import time
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mmfusion import errors
 from mmfusion import quantize
 
 CHECKPOINT_SUBDIR = 'checkpoints'
+DAMAGED_SUBDIR = 'damaged_checkpoints'     # where resume moves checkpoints that do not restore
 # Heads' params before heads were named as in config.model.heads (models/heads.py): old
 # top-level name -> (new name, the sub-module the old params now sit in).
 LEGACY_HEADS = {'head': ('classification', 'dense'), 'itm_head': ('itm', 'classifier'),
@@ -24,6 +28,38 @@ LEGACY_HEADS = {'head': ('classification', 'dense'), 'itm_head': ('itm', 'classi
 
 class CheckpointError(ValueError):
   """A checkpoint that is missing, unreadable, or does not match the model."""
+
+
+class UnreadableCheckpoint(CheckpointError):
+  """A checkpoint whose files are damaged or incomplete. `details`: what the storage library
+  printed while failing (kept for the error log)."""
+
+  def __init__(self, message: str, details: str = '', cause: str = ''):
+    super().__init__(message)
+    self.details = details
+    self.cause = cause or message
+
+
+@contextlib.contextmanager
+def _reading(where: str, what: str) -> Iterator[None]:
+  """Orbax reading a step: its failures (many exception types; tensorstore prints tracebacks
+  from its own threads for a while after) become one UnreadableCheckpoint carrying that output."""
+  with errors.captured_output(grace_s=0.5) as printed:
+    try:
+      yield
+    except CheckpointError:
+      raise
+    except Exception as e:   # noqa: BLE001 (orbax raises many types for damaged steps)
+      cause = _first_line(e)
+      raise UnreadableCheckpoint(f'checkpoint {where} {what}: {cause}',
+                                 details=printed.getvalue(), cause=cause) from e
+
+
+def _first_line(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  text = lines[0] if lines else type(error).__name__
+  text = text.split(' [tensorstore_spec=')[0]     # a page of JSON after the cause
+  return text if len(text) <= 300 else text[:300] + ' ...'
 
 
 # ----------------------------------------------------------------------------- trees
@@ -97,18 +133,25 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
   def save(self, step: int, state: Any, meta: Mapping[str, Any]) -> None:
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))), force=True)
 
+  def read_meta(self, step: int) -> dict[str, Any]:
+    """The JSON item of `step` (its step, data position and config), without the state."""
+    with _reading(f'{self.directory}/{step}', 'is unreadable'):
+      meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(meta['meta'])
+
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """Restores into `abstract_state`'s structure and shardings, after a strict check."""
-    try:
+    with _reading(f'{self.directory}/{step}', 'is unreadable'):
       saved = self._manager.item_metadata(step)['state']
-    except Exception as e:  # orbax raises many types for corrupt or partial steps
-      raise CheckpointError(f'checkpoint {self.directory}/{step} is unreadable: {e}') from e
     if saved is None:
-      raise CheckpointError(f'checkpoint {self.directory}/{step} has no readable state item.')
+      raise UnreadableCheckpoint(f'checkpoint {self.directory}/{step} has no readable state item.')
     saved_flat = _flat_metadata(saved)
     wanted_flat = {_path_str(k): v for k, v in
                    jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
@@ -123,12 +166,52 @@ class Checkpointer:
           f'checkpoint {self.directory}/{step} does not match the current config; resume with '
           f'the config it was written with, or use a new workdir.{hint} Differences:\n'
           + '\n'.join(diff[:40]) + (f'\n  ... and {len(diff) - 40} more' if len(diff) > 40 else ''))
-    try:
+    with _reading(f'{self.directory}/{step}', 'could not be restored'):
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    except Exception as e:
-      raise CheckpointError(f'checkpoint {self.directory}/{step} could not be restored: {e}') from e
     return restored['state'], restored['meta']
+
+  def restore_newest(self, abstract_state: Any, log: Callable[[str], None]
+                     ) -> tuple[Any, dict[str, Any]] | None:
+    """The newest checkpoint that restores (None when there is none). Damaged newer ones are
+    then moved to `<workdir>/damaged_checkpoints/` (kept, not deleted), each named with its
+    cause in `log`. When none restores, all stay where they are and the error names each. A
+    checkpoint that reads but does not fit the config stops the search: that is the config's
+    doing, not damage."""
+    damaged: list[tuple[int, UnreadableCheckpoint]] = []
+    for step in reversed(self.all_steps()):
+      try:
+        restored = self.restore(step, abstract_state)
+      except UnreadableCheckpoint as e:
+        damaged.append((step, e))
+        continue
+      for bad_step, error in damaged:
+        self.set_aside(bad_step)
+        log(f'skipped damaged checkpoint {self.directory}/{bad_step} ({error.cause}); moved it '
+            f'to {self.damaged_dir}/{bad_step}.')
+      return restored
+    if damaged:
+      raise UnreadableCheckpoint(
+          f'no checkpoint under {self.directory} restores: '
+          + '; '.join(f'step {step}: {error.cause}' for step, error in damaged)
+          + '. Move them away to start again in this workdir, or start a new one from a '
+          'step\'s params with config.init_from.path.',
+          details='\n'.join(error.details for _, error in damaged))
+    return None
+
+  @property
+  def damaged_dir(self) -> str:
+    return os.path.join(os.path.dirname(self.directory), DAMAGED_SUBDIR)
+
+  def set_aside(self, step: int) -> None:
+    """Moves step's directory out of the manager's way (a new save may reuse the number)."""
+    if jax.process_index() == 0:
+      os.makedirs(self.damaged_dir, exist_ok=True)
+      target = os.path.join(self.damaged_dir, str(step))
+      if os.path.exists(target):
+        target += time.strftime('-%Y%m%d-%H%M%S')
+      os.replace(os.path.join(self.directory, str(step)), target)
+    self._manager.reload()
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -202,7 +285,7 @@ def load_params(path: str, load: str = '') -> dict[str, Any]:
   step_dir = find_step_dir(path)
   state_dir = os.path.join(step_dir, 'state')
   checkpointer = ocp.PyTreeCheckpointer()
-  try:
+  with _reading(step_dir, 'is unreadable'):
     tree = checkpointer.metadata(state_dir).item_metadata
     tree = getattr(tree, 'tree', tree)
     quantized = quantize.SCALES in tree     # an int8 checkpoint: read it whole, dequantise
@@ -215,10 +298,6 @@ def load_params(path: str, load: str = '') -> dict[str, Any]:
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
     restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
         item=wanted, restore_args=restore_args, partial_restore=True))
-  except CheckpointError:
-    raise
-  except Exception as e:
-    raise CheckpointError(f'checkpoint {step_dir} is unreadable: {e}') from e
   params = restored['params']
   if quantized:
     params = quantize.dequantize(params, restored[quantize.SCALES])

@@ -47,6 +47,15 @@ def base() -> ConfigDict:
       shuffle_buffer=10_000,              # only when a host's split does not fit in memory
       augment=True,                       # light colour jitter; geometry is left alone
       prefetch=2,                         # batches kept ready on device
+      # name='files:PATH' (your own manifest or folder, data/files.py) is built once with these:
+      # images shrunk to at most max_image_side px on their longer side; captions cut after
+      # max_caption_chars; without a validation split, validation_fraction of train held out;
+      # the build stops when more than max_bad_fraction of the images are missing or unreadable.
+      files=dict(max_image_side=256, max_caption_chars=300, validation_fraction=0.1,
+                 max_bad_fraction=0.2),
+      # A train split smaller than batch_size: train on the largest batch that fits, with a
+      # warning, instead of failing (configs/own_clip.py).
+      fit_batch_size=False,
   ))
   c.tokenizer = ConfigDict(dict(
       # A sentencepiece .model or a Hugging Face tokenizer.json; '' -> train one from captions.
@@ -128,6 +137,11 @@ def base() -> ConfigDict:
   # clean_weight (pgd): the share of the loss taken on the clean images.
   c.adversarial = ConfigDict(dict(type='', eps=4.0, step_size=1.0, steps=3,
                                   modalities=('image',), kl_weight=0.0, clean_weight=0.0))
+
+  # A step whose loss, gradients or update are not finite (NaN / Inf): 'stop' ends the run at the
+  # next log or checkpoint step, naming the step, the non-finite losses and the last checkpoint
+  # (all checkpoints are from before it); 'skip' drops that step's update and counts it.
+  c.train = ConfigDict(dict(nonfinite='stop'))
 
   c.log_every = 50
   c.checkpoint = ConfigDict(dict(every=100, max_to_keep=2, async_save=True))
@@ -279,6 +293,9 @@ def validate(config: ConfigDict, num_devices: int | None = None, num_granules: i
   _need(config.log_every > 0, f'config.log_every = {config.log_every}: must be > 0.')
   _need(config.checkpoint.every >= 0, 'config.checkpoint.every must be >= 0 (0: only at the end).')
   _need(config.optim.lr > 0, f'config.optim.lr = {config.optim.lr}: must be > 0.')
+  nonfinite = config.get('train', {}).get('nonfinite', 'stop')
+  _need(nonfinite in ('stop', 'skip'),
+        f"config.train.nonfinite = {nonfinite!r}: must be 'stop' or 'skip'.")
   if num_devices is not None:
     shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(
         config.mesh, num_devices, config.mesh_dcn, num_granules)))
@@ -360,11 +377,68 @@ def _with_placeholders(model_config: ConfigDict) -> dict[str, Any]:
 def resolve(config: ConfigDict, source: Any) -> ConfigDict:
   """A locked copy with the values that come from the data filled in: -1 classes of the
   classification head (the dataset's labels) and -1 answers of the VQA head (the train split's
-  answer vocabulary)."""
+  answer vocabulary); evaluators that score labels left out, with a message, when the dataset
+  has none; with config.data.fit_batch_size, a batch that a small train split fills; a 'files:'
+  path made absolute. `source` reads the resolved config from then on (its training batches
+  follow the batch size)."""
   config = ConfigDict(config.to_dict())
   heads = config.model.heads
   if 'classification' in heads and heads.classification.get('num_classes', -1) == -1:
     heads.classification.num_classes = len(source.class_names())
   if 'vqa' in heads and heads.vqa.get('answers', -1) == -1:
     heads.vqa.answers = len(source.answers)
-  return lock(config)
+  if not source.has_labels():
+    _leave_out_label_evals(config, source.where)
+  if config.data.get('fit_batch_size', False):
+    _fit_batch_size(config, source)
+  if config.data.name.startswith('files:'):
+    from mmfusion.data import files   # noqa: PLC0415  (TensorFlow; the trainer has it loaded)
+    # The saved config (config.json, checkpoints) then finds the data from any directory.
+    config.data.name = files.absolute_name(config.data.name)
+  source.config = config = lock(config)
+  return config
+
+
+def _say(message: str) -> None:
+  import jax  # noqa: PLC0415
+  if jax.process_index() == 0:
+    print(f'[mmfusion] {message}', flush=True)
+
+
+def _leave_out_label_evals(config: ConfigDict, dataset: str) -> None:
+  """Zero-shot and classification score predictions against labels: on a dataset without any
+  they have nothing to score, so they are left out instead of failing after training. (A
+  classification head or a 'label' input still fails: neither can be fed without labels.)"""
+  from mmfusion import evals  # noqa: PLC0415
+  for name in [n for n in config.evals if evals.reads_labels(n, config.evals[n])]:
+    _say(f'config.evals.{name} (type {config.evals[name].get("type")!r}) is left out: dataset '
+         f'{dataset} has no labels (a ClassLabel "label" feature) to score it against.')
+    del config.evals[name]
+
+
+def _fit_batch_size(config: ConfigDict, source: Any) -> None:
+  """A train split smaller than config.batch_size: the largest batch it fills, in whole
+  multiples of what a batch is split over (the data-parallel devices times accum_steps, and the
+  processes), with a warning."""
+  import jax  # noqa: PLC0415
+  from mmfusion import sharding  # noqa: PLC0415
+  processes = jax.process_count()
+  try:
+    num = source.num_examples(config.data.train_split)
+  except (KeyError, ValueError):
+    return                 # no such split: the training stream names it (data/training.py)
+  available = num // processes * processes    # each process reads an equal part of it
+  if available >= config.batch_size:
+    return
+  shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(
+      config.mesh, jax.device_count(), config.mesh_dcn, sharding.granules()[0])))
+  batch_axes = sharding.logical_axes_of(('batch',), sharding.rules_from_config(config.sharding))
+  multiple = math.lcm(math.prod(shape[a] for a in batch_axes) * config.accum_steps, processes)
+  fitted = available // multiple * multiple
+  _need(fitted > 0, f'config.data.train_split = {config.data.train_split!r} of dataset '
+        f'{source.where} has {num} examples, fewer than the smallest batch: {multiple} '
+        '(one per data-parallel device and accumulation step, and per process).')
+  _say(f'warning: the train split of {source.where} has {num} examples, fewer than '
+       f'config.batch_size = {config.batch_size}: training on batches of {fitted} instead '
+       '(config.data.fit_batch_size).')
+  config.batch_size = fitted

@@ -35,6 +35,9 @@ _PROCESS_ID = flags.DEFINE_integer(
 _LOCAL_DEVICE_IDS = flags.DEFINE_list(
     'local_device_ids', None, 'Local accelerators this process drives, e.g. 0,1 (default: '
     'all; one per task under SLURM) [MMFUSION_LOCAL_DEVICE_IDS].')
+_VERBOSE = flags.DEFINE_bool(
+    'verbose', False, 'On an error, print the full traceback too (it always goes to '
+    '<workdir>/error.log); by default an error is one line.')
 _DISTRIBUTED_TIMEOUT = flags.DEFINE_float(
     'distributed_timeout', None, 'Seconds to wait for the coordinator, then for every process '
     f'to join (default {distributed.DEFAULT_TIMEOUT_S:g}) [MMFUSION_DISTRIBUTED_TIMEOUT].')
@@ -49,15 +52,13 @@ def main():
         timeout_s=_DISTRIBUTED_TIMEOUT.value)
   except (ValueError, distributed.DistributedError) as e:
     sys.exit(f'mmfusion: {e}')
-  from mmfusion import checkpoint
+  from mmfusion import errors
   from mmfusion import train  # heavy imports after flag parsing, so --help is instant
-  try:
-    # Every check that needs no compute: config values, mesh, sharding rules, data, tokenizer,
-    # model, objectives, evaluators, init_from. What fails here is the user's to change.
-    trainer = train.Trainer(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, OSError, checkpoint.CheckpointError) as e:
-    sys.exit(f'mmfusion: {e}')
-  final = trainer.run_and_close()
+  # Every error, during set-up (config values, mesh, data, tokenizer, model, objectives,
+  # evaluators, init_from, the workdir's lock and checkpoints) or after it (restore, the first
+  # batch, a non-finite loss, an evaluator, saving), ends as one line naming its cause.
+  with errors.one_line('mmfusion', _WORKDIR.value, _VERBOSE.value):
+    final = train.Trainer(_CONFIG.value, _WORKDIR.value).run_and_close()
   if distributed.is_primary():
     print('[mmfusion] final: ' + ', '.join(f'{k}={v:.4f}' for k, v in sorted(final.items())))
 

@@ -27,9 +27,12 @@ from mmfusion import accumulate
 from mmfusion import adversarial
 from mmfusion import checkpoint as ckpt_lib
 from mmfusion import config as config_lib
+from mmfusion import errors
 from mmfusion import evals
+from mmfusion import lock as lock_lib
 from mmfusion import objectives
 from mmfusion import optim
+from mmfusion import resume
 from mmfusion import sharding
 from mmfusion import writers
 from mmfusion.data import ops as data_ops
@@ -68,6 +71,10 @@ def check_batch(batch: dict[str, Any], expected: dict[str, jax.ShapeDtypeStruct]
           f'batch[{key!r}] has shape {tuple(got.shape)}, but the config implies '
           f'[batch, {", ".join(map(str, spec.shape[1:]))}] (config.data.inputs and their '
           'sizes, e.g. config.data.image_size / config.tokenizer.max_len).')
+
+
+class NonFinite(ValueError):
+  """A step's loss or gradients were NaN / Inf under config.train.nonfinite = 'stop'."""
 
 
 def log(message: str) -> None:
@@ -119,6 +126,7 @@ class TrainProgram:
     self.tx, self.lr_schedule = optim.make(config.optim, config.total_steps, config.freeze,
                                            self.adapters_only)
 
+    self.nonfinite = config.get('train', {}).get('nonfinite', 'stop')   # 'stop' | 'skip'
     self.expected_batch = init_batch(config)
     boxed = jax.eval_shape(self.model.init, jax.random.key(0), self.expected_batch)
     self.param_specs = nn.get_partition_spec(boxed)['params']
@@ -197,6 +205,13 @@ class TrainProgram:
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics['grad_norm'] = optax.global_norm(grads)
+    finite = jnp.all(jnp.stack([jnp.isfinite(v).all() for v in jax.tree.leaves(metrics)]))
+    if self.nonfinite == 'skip':
+      # The update is dropped: params and optimizer state stay as they were (the step counts).
+      keep = lambda new, old: jnp.where(finite, new, old)
+      params = jax.tree.map(keep, params, state.params)
+      opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+    metrics['nonfinite'] = jnp.logical_not(finite).astype(jnp.float32)
     metrics['lr'] = self.lr_schedule(state.step)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -221,6 +236,8 @@ class Trainer:
     self.source = sources.Source(config)
     self.source.builder           # the dataset is resolved (and rendered) before anything else
     self.config = config = config_lib.resolve(config, self.source)
+    # The data must hold a batch (checked before anything is compiled).
+    self.steps_per_epoch = training_data.steps_per_epoch(self.source)
     self.mesh = sharding.make_mesh(config.mesh, dcn_config=config.mesh_dcn)
     vocab_size = (self.source.tokenizer.vocab_size
                   if model_lib.reads_tokens(config.model) else 0)
@@ -232,10 +249,49 @@ class Trainer:
         name: evals.build(name, cfg, model=self.model, config=config, source=self.source,
                           mesh=self.mesh, rules=program.rules)
         for name, cfg in config.evals.items()}
-    self.checkpointer = ckpt_lib.Checkpointer(
-        self.workdir, max_to_keep=config.checkpoint.max_to_keep,
-        async_save=config.checkpoint.async_save)
-    self.writer = writers.MetricWriter(self.workdir)
+    for evaluator in self.evaluators.values():
+      evaluator.check_split()
+    self.failed_evals: dict[str, str] = {}
+    self.skipped_steps = 0                # updates dropped as non-finite (nonfinite='skip')
+
+    self.lock = lock_lib.WorkdirLock(self.workdir)
+    if jax.process_index() == 0:
+      self.lock.acquire()
+      if self.lock.stale_owner:
+        log(f'took over the lock of a run that ended without releasing it '
+            f'({lock_lib.describe(self.lock.stale_owner)}).')
+    try:
+      self.checkpointer = ckpt_lib.Checkpointer(
+          self.workdir, max_to_keep=config.checkpoint.max_to_keep,
+          async_save=config.checkpoint.async_save)
+      self.finished = self._check_resume()
+      self.writer = writers.MetricWriter(self.workdir)
+    except BaseException:
+      self.lock.release()
+      raise
+
+  def _check_resume(self) -> dict[str, float] | None:
+    """Checks this config against the newest checkpoint's (resume.py); returns the final
+    metrics when that checkpoint is this run's last step and its final evaluation was written
+    (nothing left to do), else None."""
+    for step in reversed(self.checkpointer.all_steps()):
+      try:
+        meta = self.checkpointer.read_meta(step)
+      except ckpt_lib.UnreadableCheckpoint:
+        continue        # create_state sets damaged checkpoints aside, and says so
+      where = f'{self.checkpointer.directory}/{step}'
+      accepted = resume.check(meta.get('config', {}), self.config, step, where, config_lib.base())
+      if accepted:
+        log(f'warning: resuming {where} with changed settings (checkpoint -> now): '
+            + '; '.join(accepted) + '.')
+      final_path = os.path.join(self.workdir, 'final_metrics.json')
+      if step == self.config.total_steps and os.path.exists(final_path):
+        with open(final_path) as f:
+          final = json.load(f)
+        if final.get('step') == step:
+          return {k: v for k, v in final.items() if k != 'step'}
+      return None
+    return None
 
   def _report_layout(self) -> None:
     """Prints the mesh and the bytes each device holds; refuses an FSDP run that leaves too
@@ -268,9 +324,10 @@ class Trainer:
 
   def create_state(self) -> tuple[TrainState, dict[str, Any]]:
     """Restores the latest checkpoint of this workdir, else initialises (and init_from)."""
-    latest = self.checkpointer.latest_step()
-    if latest is not None:
-      state, meta = self.checkpointer.restore(latest, self.program.abstract_state_with_shardings())
+    restored = self.checkpointer.restore_newest(self.program.abstract_state_with_shardings(), log)
+    if restored is not None:
+      state, meta = restored
+      latest = int(state.step)
       expected_seen = int(state.step) * self.config.batch_size
       if meta.get('data', {}).get('examples_seen') != expected_seen:
         raise ckpt_lib.CheckpointError(
@@ -279,6 +336,7 @@ class Trainer:
             f'which does not fit config.batch_size = {self.config.batch_size}; resume with the '
             'batch size it was written with.')
       log(f'resumed from {self.checkpointer.directory}/{latest} (step {latest}).')
+      self.skipped_steps = int(meta.get('nonfinite_skipped', 0))
       return state, meta
     state = self.program.init_state(self.config.seed)
     if self.config.init_from.path:
@@ -312,14 +370,27 @@ class Trainer:
   # -- evaluation and saving ----------------------------------------------------------------
 
   def evaluate(self, state: TrainState, step: int, final: bool = False) -> dict[str, float]:
+    """Runs the evaluators due at `step` (all when `final`). One that fails is reported in one
+    line (traceback in the error log) and left out from then on; the run goes on, and ends
+    with its checkpoint written and a failing exit code."""
     results = {}
-    for name, evaluator in self.evaluators.items():
+    for name, evaluator in list(self.evaluators.items()):
       every = int(self.config.evals[name].get('every', 0))
       if not final and not (every and step % every == 0):
         continue
       t0 = time.perf_counter()
-      for metric, value in evaluator.run(state.params):
-        results[f'{name}/{metric}'] = float(value)
+      try:
+        for metric, value in evaluator.run(state.params):
+          results[f'{name}/{metric}'] = float(value)
+      except Exception as e:  # noqa: BLE001 (an evaluator's failure must not cost the run)
+        if jax.process_count() > 1:
+          raise     # the other processes are in the evaluator's collectives: stop them all
+        where = errors.write_log(e, self.workdir)
+        self.failed_evals[name] = errors.describe(e)
+        del self.evaluators[name]
+        log(f'evaluator {name!r} failed at step {step}: {self.failed_evals[name]} (left out from '
+            f'now on; traceback in {where}).')
+        continue
       results[f'{name}/seconds'] = time.perf_counter() - t0
     if results:
       self.writer.write(step, results)
@@ -327,37 +398,68 @@ class Trainer:
       log(f'step {step} eval: {shown}')
     return results
 
-  def save(self, state: TrainState, step: int) -> None:
+  def save(self, state: TrainState, step: int, pending: list = ()) -> None:
+    """Checkpoints `state` (after step `step`); `pending`: the steps' metrics not logged yet."""
     if self.checkpointer.latest_step() == step:
       return
+    self._stop_if_nonfinite(pending)
     meta = {
         'step': step,
         'data': {'examples_seen': step * self.config.batch_size,
                  'epoch': step // self.steps_per_epoch,
                  'batch_in_epoch': step % self.steps_per_epoch},
+        'nonfinite_skipped': self.skipped_steps + self._count_nonfinite(pending),
         'config': self.config.to_dict(),
     }
     self.checkpointer.save(step, state, json.loads(json.dumps(meta, default=str)))
+
+  # -- non-finite steps -------------------------------------------------------------------
+
+  @staticmethod
+  def _count_nonfinite(pending: list) -> int:
+    return int(sum(jax.device_get([m['nonfinite'] for _, m in pending]))) if pending else 0
+
+  def _stop_if_nonfinite(self, pending: list) -> None:
+    """Under nonfinite='stop', raises NonFinite naming the first such step of `pending` (steps
+    run since the last check): before any save, so every checkpoint is from before it."""
+    if self.program.nonfinite != 'stop' or not self._count_nonfinite(pending):
+      return
+    step, metrics = next((s, m) for s, m in pending if jax.device_get(m['nonfinite']))
+    values = jax.device_get(metrics)
+    names = sorted(k for k, v in values.items() if k != 'nonfinite' and not np.isfinite(v).all())
+    losses, others = [k for k in names if 'loss' in k], [k for k in names if 'loss' not in k]
+    latest = self.checkpointer.latest_step()
+    last = (f'{self.checkpointer.directory}/{latest}' if latest is not None
+            else 'none (no checkpoint was written before it)')
+    raise NonFinite(
+        f'step {step}: non-finite {", ".join(losses or others)}'
+        + (f' (and {", ".join(others)})' if losses and others else '') + '; stopped without saving '
+        f'(config.train.nonfinite=stop). Last checkpoint, from before it: {last}. Lower '
+        f'config.optim.lr (now {self.config.optim.lr:g}) or raise warmup, or set '
+        'config.train.nonfinite=skip to drop such updates.')
 
   # -- loop -------------------------------------------------------------------------------
 
   def run(self) -> dict[str, float]:
     config = self.config
+    if self.finished is not None:
+      log(f'{self.workdir} has finished its {config.total_steps} steps and their final '
+          'evaluation (final_metrics.json): nothing to do; raise config.total_steps to train on.')
+      return self.finished
     if jax.process_index() == 0:
       os.makedirs(self.workdir, exist_ok=True)
       with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
         f.write(config.to_json_best_effort(indent=2))
     state, _ = self.create_state()
     start = int(state.step)
-    self.steps_per_epoch = training_data.steps_per_epoch(self.source)
     batches = training_data.batches(self.source, self.program.batch_sharding, start_step=start)
 
-    pending: list[dict[str, jax.Array]] = []
-    final: dict[str, float] = {}
+    pending: list[tuple[int, dict[str, jax.Array]]] = []     # (step, metrics) since the last log
     wait_s, t_log, step = 0.0, time.perf_counter(), start
     bar = tqdm.tqdm(total=config.total_steps, initial=start, desc='train', unit='step',
                     dynamic_ncols=True, disable=jax.process_index() != 0)
-    with Interrupt() as interrupt:
+    # The bar ends its line however the loop ends, so that an error's line starts on its own.
+    with Interrupt() as interrupt, contextlib.closing(bar):
       for step in range(start + 1, config.total_steps + 1):
         t0 = time.perf_counter()
         batch = next(batches)
@@ -366,35 +468,42 @@ class Trainer:
         if step == start + 1:
           check_batch(batch, self.expected_batch)
         state, metrics = self.program.train_step(state, batch)
-        pending.append(metrics)     # fetched only at log steps: no host sync per step
+        pending.append((step, metrics))     # fetched only at log steps: no host sync per step
         bar.update(1)
 
         if step % config.log_every == 0 or step == config.total_steps:
-          logged = self._log(step, pending, time.perf_counter() - t_log, wait_s, len(pending))
+          self._stop_if_nonfinite(pending)
+          logged = self._log(step, pending, time.perf_counter() - t_log, wait_s)
           bar.set_postfix(loss=f"{logged['loss']:.4f}", ex_s=f"{logged['examples_per_sec']:.0f}",
                           data_wait=f"{logged['data_wait_fraction']:.1%}")
           pending, wait_s, t_log = [], 0.0, time.perf_counter()
         if config.checkpoint.every and step % config.checkpoint.every == 0:
-          self.save(state, step)
+          self.save(state, step, pending)
         if step < config.total_steps:
-          final.update(self.evaluate(state, step))
+          self.evaluate(state, step)
         at_log_step = step % config.log_every == 0
         if (signum := self._agreed_signal(interrupt, at_log_step)) is not None:
-          self.save(state, step)
+          self.save(state, step, pending)
           self.checkpointer.wait()
-          bar.close()
           self.writer.close()
           log(f'stopped at step {step}; checkpoint saved in {self.checkpointer.directory}. '
               'Re-run the same command to resume.')
           raise SystemExit(128 + signum)
-    bar.close()
-    final = self.evaluate(state, config.total_steps, final=True)
-    self.save(state, config.total_steps)
+    # The final checkpoint is written before the final evaluation: a failing evaluator costs
+    # no training.
+    self.save(state, config.total_steps, pending)
     self.checkpointer.wait()
+    final = self.evaluate(state, config.total_steps, final=True)
     self.writer.close()
     if jax.process_index() == 0:
       with open(os.path.join(self.workdir, 'final_metrics.json'), 'w') as f:
         json.dump({'step': config.total_steps, **final}, f, indent=2)
+    if self.failed_evals:
+      raise errors.RunFailed(
+          f'trained to step {config.total_steps} and saved the checkpoint '
+          f'{self.checkpointer.directory}/{config.total_steps}, but evaluator(s) failed: '
+          + '; '.join(f'{name}: {cause}' for name, cause in self.failed_evals.items())
+          + f' (tracebacks in {os.path.join(self.workdir, errors.ERROR_LOG)}).')
     return final
 
   def run_and_close(self) -> dict[str, float]:
@@ -403,6 +512,7 @@ class Trainer:
     finally:
       with contextlib.suppress(Exception):
         self.checkpointer.close()
+      self.lock.release()
 
   @staticmethod
   def _agreed_signal(interrupt: Interrupt, at_log_step: bool) -> int | None:
@@ -419,12 +529,21 @@ class Trainer:
     flags = multihost_utils.process_allgather(np.int32(interrupt.signum or 0))
     return int(np.max(flags)) or None
 
-  def _log(self, step, pending, seconds, wait_s, num_steps) -> dict[str, float]:
-    fetched = jax.device_get(pending)
-    logged = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+  def _log(self, step, pending, seconds, wait_s) -> dict[str, float]:
+    fetched = [m for _, m in jax.device_get(pending)]
+    skipped = int(sum(m['nonfinite'] for m in fetched))
+    # Means over the steps whose update was applied (all of them unless nonfinite='skip').
+    kept = [m for m in fetched if not m['nonfinite']] or fetched
+    logged = {k: float(np.mean([m[k] for m in kept])) for k in fetched[-1] if k != 'nonfinite'}
     logged['lr'] = float(fetched[-1]['lr'])
-    logged['steps_per_sec'] = num_steps / seconds
-    logged['examples_per_sec'] = num_steps * self.config.batch_size / seconds
+    if skipped:
+      self.skipped_steps += skipped
+      log(f'warning: {skipped} step(s) up to step {step} had non-finite losses or gradients; '
+          f'their updates were dropped (config.train.nonfinite=skip; {self.skipped_steps} so far).')
+    if self.program.nonfinite == 'skip':
+      logged['skipped_steps'] = self.skipped_steps
+    logged['steps_per_sec'] = len(pending) / seconds
+    logged['examples_per_sec'] = len(pending) * self.config.batch_size / seconds
     logged['data_wait_fraction'] = wait_s / seconds
     self.writer.write(step, logged)
     return logged

@@ -46,10 +46,11 @@ def pytest_unconfigure(config):
 # by number of tests, is off in pytest.ini: it put the few-but-slow CLI files last.) Files not
 # listed follow in their usual order.
 SLOWEST_FILES = (
-    'test_end_to_end.py', 'test_notebooks.py', 'test_scaleout.py', 'test_fused_model.py',
-    'test_adversarial.py', 'test_accumulation.py', 'test_fused_end_to_end.py', 'test_api.py',
-    'test_import_weights.py', 'test_benchmarks.py', 'test_models.py', 'test_decoder.py',
-    'test_train_program.py', 'test_pipeline_benchmark.py',
+    'test_end_to_end.py', 'test_notebooks.py', 'test_scaleout.py', 'test_faults.py',
+    'test_fused_model.py', 'test_adversarial.py', 'test_accumulation.py',
+    'test_fused_end_to_end.py', 'test_api.py', 'test_import_weights.py', 'test_benchmarks.py',
+    'test_models.py', 'test_decoder.py', 'test_own_data.py', 'test_train_program.py',
+    'test_pipeline_benchmark.py',
 )
 
 

@@ -365,7 +365,7 @@ def test_train_split_slicing(config, source):
   assert training.steps_per_epoch(source) == 128 // BATCH
   assert source.base_train_split == 'train'     # vocabularies still come from the whole split
   config.batch_size = 512
-  with pytest.raises(ValueError, match='fewer than one host batch'):
+  with pytest.raises(ValueError, match='fewer than one batch'):
     training.steps_per_epoch(source)
 
 

@@ -18,6 +18,8 @@ ALLOWED = {
     'models/audio.py',  # the speech tower
     'data/audio.py',    # the audio modality's input ops
     'data/spoken.py',   # the spoken configs of the embedded dataset
+    'data/files.py',    # your own data: its features are images, captions and audio,
+    'data/manifests.py',    # and so are its manifests' columns
     'config.py',        # the defaults of the default (image-text) experiment
     'pointing.py',      # the pointing game: the embedded dataset's images and their objects
     'import_weights.py',    # public image-text checkpoints (CLIP / SigLIP) as a run

@@ -7,6 +7,8 @@
   training.py    the resumable training stream   evaluation.py   padded evaluation batches
   prefetch.py    threaded prefetch               shapes.py  the embedded dataset
   spoken.py      its spoken configs              tts.py     text to speech (eSpeak NG)
+  files.py       your own images and captions (config.data.name = 'files:PATH'), built once
+                 into a TFDS dataset             manifests.py  its JSONL / CSV / folder reading
   tokenizer.py   sentencepiece
 
 Importing the package registers the built-in ops.

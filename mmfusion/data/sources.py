@@ -7,7 +7,8 @@ A builder class with `RENDERED_LOCALLY = True` (the embedded `mmfusion_shapes`, 
 that renders its data) is prepared into the data dir at first use; any other must have been
 prepared there already (`tfds build`). A builder class may also offer
 `config_from_spec(spec)` to turn `config.data.builder_config` strings with overrides into
-builder configs (see data/shapes.py).
+builder configs (see data/shapes.py). `config.data.name = 'files:PATH'` is your own images and
+captions (a manifest or a folder), built into the data dir at first use by data/files.py.
 """
 from __future__ import annotations
 
@@ -102,6 +103,11 @@ class Source:
     from mmfusion.data import text
     return text.answer_vocab(self)
 
+  def has_labels(self) -> bool:
+    """Whether the dataset has a ClassLabel `label` (what zero-shot and classification score)."""
+    return 'label' in self.features and isinstance(self.features['label'],
+                                                   tfds.features.ClassLabel)
+
   def class_names(self) -> list[str]:
     """Names of the dataset's `label` classes (the zero-shot prompts' words)."""
     label = self.features['label'] if 'label' in self.features else None
@@ -166,6 +172,9 @@ def where(builder: tfds.core.DatasetBuilder) -> str:
 
 def get_builder(data_config: Any) -> tfds.core.DatasetBuilder:
   """The prepared TFDS builder named by config.data; never downloads (see the module doc)."""
+  if data_config.name.startswith('files:'):
+    from mmfusion.data import files   # noqa: PLC0415  (it imports this module)
+    return files.get_builder(data_config)
   data_dir = resolve_data_dir(data_config)
   try:
     builder_cls = tfds.builder_cls(data_config.name)
@@ -176,14 +185,14 @@ def get_builder(data_config: Any) -> tfds.core.DatasetBuilder:
   return _prepared_builder(data_config.name, data_config.builder_config, data_dir)
 
 
-def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
+def is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
   # builder.is_prepared() logs a warning for every dataset that is not there yet. TFDS
   # renames a finished dataset into place, so its info file means it is complete.
   return tf.io.gfile.exists(os.path.join(builder.data_dir, 'dataset_info.json'))
 
 
 @contextlib.contextmanager
-def _quiet_tfds() -> Iterator[None]:
+def quiet_tfds() -> Iterator[None]:
   """Silences TFDS's progress bars and stdout banners (we print one line instead)."""
   bars_were_on = getattr(tfds.core.utils.tqdm_utils, '_active', True)
   tfds.display_progress_bar(False)
@@ -207,16 +216,16 @@ def _rendered_builder(builder_cls, spec: str, data_dir: str) -> tfds.core.Datase
       raise ValueError(f'Dataset {name!r} has no builder_config {arg!r}; available: '
                        f'{sorted(builder_cls.builder_configs)}')
   builder = tfds.builder(name, config=arg, data_dir=data_dir)
-  if _is_prepared(builder):
+  if is_prepared(builder):
     return builder
   start = time.time()
   try:
-    with _quiet_tfds():
+    with quiet_tfds():
       builder.download_and_prepare(
           download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   except Exception:
     # Processes sharing a file system race to prepare it; losing the race is fine.
-    if not _is_prepared(builder):
+    if not is_prepared(builder):
       raise
   builder = tfds.builder(name, config=arg, data_dir=data_dir)
   num = sum(split.num_examples for split in builder.info.splits.values())
@@ -253,7 +262,7 @@ def _prepared_builder(name: str, builder_config: str,
   except tfds.core.registered.DatasetNotFoundError:
     raise FileNotFoundError(f'Dataset {name!r} is neither registered nor prepared under '
                             f'{data_dir}. {how}') from None
-  if not _is_prepared(builder):
+  if not is_prepared(builder):
     variant = builder.builder_config.name if builder.builder_config else 'no config'
     raise FileNotFoundError(f'Dataset {name!r} ({variant}, version {builder.version}) is '
                             f'not prepared under {data_dir}. {how}')

@@ -45,15 +45,21 @@ def _split(config: Any) -> Any:
 
 def steps_per_epoch(source: sources.Source) -> int:
   """Full host-local batches in the host's part of the train split (the rest is dropped)."""
-  return _steps_per_epoch(source.num_examples(_split(source.config)), source.config)
+  try:
+    num = source.num_examples(_split(source.config))
+  except (KeyError, ValueError) as e:
+    raise ValueError(f'config.data.train_split = {source.config.data.train_split!r}: '
+                     f'{str(e).splitlines()[0]} (dataset {source.where}).') from None
+  return _steps_per_epoch(num, source.config)
 
 
 def _steps_per_epoch(num: int, config: Any) -> int:
   steps = num // host_batch_size(config.batch_size)
   if steps == 0:
-    raise ValueError(f'{config.data.name} split {config.data.train_split!r} has {num} '
-                     f'examples per process, fewer than one host batch '
-                     f'({host_batch_size(config.batch_size)})')
+    raise ValueError(f'config.batch_size = {config.batch_size}: the train split '
+                     f'{config.data.train_split!r} of {config.data.name} has {num} examples per '
+                     f'process, fewer than one batch ({host_batch_size(config.batch_size)} per '
+                     'process); lower config.batch_size.')
   return steps
 
 

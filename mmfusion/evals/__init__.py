@@ -49,6 +49,12 @@ def _entry(name: str, eval_cfg: Any) -> tuple[type[common.Evaluator], dict[str, 
   return REGISTRY[kind], options
 
 
+def reads_labels(name: str, eval_cfg: Any) -> bool:
+  """Whether `config.evals[name]` scores against the dataset's labels (zero-shot,
+  classification, robustness), which a dataset without labels cannot give it."""
+  return _entry(name, eval_cfg)[0].READS_LABELS
+
+
 def check(name: str, eval_cfg: Any, config: Any) -> None:
   """Checks `config.evals[name]` against the config without building anything."""
   cls, options = _entry(name, eval_cfg)

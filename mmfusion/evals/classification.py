@@ -16,6 +16,7 @@ from mmfusion.evals import metrics
 class Classification(common.Evaluator):
   """Yields accuracy, macro_f1 and num_examples over `split` (optionally filtered by keep_if)."""
   TYPE = 'classification'
+  READS_LABELS = True
   OPTIONS = dict(common.Evaluator.OPTIONS)
 
   @classmethod

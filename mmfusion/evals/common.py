@@ -37,6 +37,7 @@ class Evaluator:
   config.validate calls before anything runs) and again when the evaluator is built.
   """
   TYPE = ''            # the `type=` that selects this class in config.evals
+  READS_LABELS = False   # scores against the dataset's ClassLabel `label` (config.resolve)
   OPTIONS: dict[str, Any] = dict(split='test', batch_size=256, keep_if=None)
 
   def __init__(self, name: str, *, model: Any, config: Any, source: Any,
@@ -92,6 +93,21 @@ class Evaluator:
 
   def error(self, message: str) -> ValueError:
     return ValueError(f'config.evals.{self.name}: {message}')
+
+  def check_split(self) -> int:
+    """The number of examples of the split, or one clear error if the dataset has no such split
+    or keep_if names no feature of it (checked when a run is set up, not after training)."""
+    try:
+      num = self.source.num_examples(self.split)
+    except (KeyError, ValueError) as e:
+      raise self.error(f'split {self.split!r}: {str(e).splitlines()[0]} (dataset '
+                       f'{self.source.where}).') from None
+    if self.keep_if:
+      try:
+        self.source.keep_if(self.keep_if)
+      except ValueError as e:
+        raise self.error(str(e)) from None
+    return num
 
   def batches(self) -> Iterator[Batch]:
     # Imported here, not at module level: the data side pulls in TensorFlow, which neither

@@ -24,6 +24,7 @@ class ZeroShot(common.Evaluator):
   where the class name goes, e.g. ('a {}.', 'a picture of a {}.').
   """
   TYPE = 'zeroshot'
+  READS_LABELS = True
   OPTIONS = {**common.Evaluator.OPTIONS, 'templates': ('a {}.',), 'modality': common.REQUIRED,
              'prompts': common.REQUIRED}
 

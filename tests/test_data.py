@@ -150,7 +150,8 @@ def test_unknown_and_unprepared_datasets_error_clearly(config, tmp_path):
   with pytest.raises(ValueError, match=r"no builder_config 'tiny'; available: \[\]"):
     sources.get_builder(config.data)
   config.data.builder_config = ''
-  with pytest.raises(FileNotFoundError, match=r'not prepared under .*tfds build'):
+  with pytest.raises(FileNotFoundError,
+                     match=r'not prepared under .*download_and_prepare\(\).*files:PATH'):
     sources.get_builder(config.data)
 
   config.data.name, config.data.builder_config = 'mmfusion_shapes', 'huge'

@@ -19,7 +19,7 @@ Write a `tfds.core.GeneratorBasedBuilder` like `MmfusionShapes` below:
     an op of your own (`ops.register`).
   * `_split_generators(dl_manager)` returns `{split_name: self._generate_examples(...)}`;
     download with `dl_manager` there if you must, on a machine with network: training
-    never downloads, it only reads what `tfds build` prepared under `config.data.data_dir`.
+    never downloads, it only reads what TFDS prepared under `config.data.data_dir`.
   * `_generate_examples(...)` yields `(unique_key, example_dict)`.
   * Import the module before `tfds.builder(name)` is called so that TFDS registers it,
     and set `config.data.name` to its snake_case name. With `RENDERED_LOCALLY = True` (as

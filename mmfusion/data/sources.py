@@ -5,7 +5,7 @@ downloaded; reading a split's examples; filters and counts over scalar features.
 train split (the tokenizer, the answer vocabulary), each computed once and cached on disk.
 A builder class with `RENDERED_LOCALLY = True` (the embedded `mmfusion_shapes`, or your own
 that renders its data) is prepared into the data dir at first use; any other must have been
-prepared there already (`tfds build`). A builder class may also offer
+prepared there already (by TFDS, on a machine with network). A builder class may also offer
 `config_from_spec(spec)` to turn `config.data.builder_config` strings with overrides into
 builder configs (see data/shapes.py). `config.data.name = 'files:PATH'` is your own images and
 captions (a manifest or a folder), built into the data dir at first use by data/files.py.
@@ -250,9 +250,11 @@ def _available_configs(name: str, data_dir: str) -> list[str] | None:
 
 def _prepared_builder(name: str, builder_config: str,
                       data_dir: str) -> tfds.core.DatasetBuilder:
-  how = (f'Prepare it where there is network with `tfds build {name} --data_dir '
-         f'{data_dir}`{f" --config {builder_config}" if builder_config else ""}, or point '
-         'config.data.data_dir (or $MMFUSION_DATA_DIR) at a directory that holds it.')
+  config_arg = f', config={builder_config!r}' if builder_config else ''
+  how = (f'Prepare it on a machine with network (`tfds.builder({name!r}{config_arg}, '
+         f'data_dir={data_dir!r}).download_and_prepare()`) and point config.data.data_dir (or '
+         '$MMFUSION_DATA_DIR) at that directory; your own images and captions need no builder: '
+         "config.data.name = 'files:PATH' (README, \"Your own data\").")
   available = _available_configs(name, data_dir)
   if builder_config and available is not None and builder_config.split(':')[0] not in available:
     raise ValueError(f'Dataset {name!r} has no builder_config {builder_config!r}; '

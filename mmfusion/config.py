@@ -257,7 +257,7 @@ def validate(config: ConfigDict, num_devices: int | None = None, num_granules: i
   FileNotFoundError for a missing init_from path) naming the config key. `num_devices`: check the
   mesh and the batch split against that many devices (in `num_granules` granules)."""
   import jax  # noqa: PLC0415  (config files import this module; keep that light)
-  from mmfusion import checkpoint, evals, objectives, sharding
+  from mmfusion import checkpoint, evals, nonfinite, objectives, sharding
   from mmfusion.data import ops
   from mmfusion.models import fusion as fusion_lib
   from mmfusion.models import heads as heads_lib
@@ -293,9 +293,9 @@ def validate(config: ConfigDict, num_devices: int | None = None, num_granules: i
   _need(config.log_every > 0, f'config.log_every = {config.log_every}: must be > 0.')
   _need(config.checkpoint.every >= 0, 'config.checkpoint.every must be >= 0 (0: only at the end).')
   _need(config.optim.lr > 0, f'config.optim.lr = {config.optim.lr}: must be > 0.')
-  nonfinite = config.get('train', {}).get('nonfinite', 'stop')
-  _need(nonfinite in ('stop', 'skip'),
-        f"config.train.nonfinite = {nonfinite!r}: must be 'stop' or 'skip'.")
+  mode = config.get('train', {}).get('nonfinite', 'stop')
+  _need(mode in nonfinite.MODES,
+        f'config.train.nonfinite = {mode!r}: must be one of {nonfinite.MODES}.')
   if num_devices is not None:
     shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(
         config.mesh, num_devices, config.mesh_dcn, num_granules)))

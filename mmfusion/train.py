@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import time
 from typing import Any
 
@@ -20,7 +19,6 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
-from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from mmfusion import accumulate
@@ -29,7 +27,9 @@ from mmfusion import checkpoint as ckpt_lib
 from mmfusion import config as config_lib
 from mmfusion import errors
 from mmfusion import evals
+from mmfusion import interrupt as interrupt_lib
 from mmfusion import lock as lock_lib
+from mmfusion import nonfinite
 from mmfusion import objectives
 from mmfusion import optim
 from mmfusion import resume
@@ -73,42 +73,10 @@ def check_batch(batch: dict[str, Any], expected: dict[str, jax.ShapeDtypeStruct]
           'sizes, e.g. config.data.image_size / config.tokenizer.max_len).')
 
 
-class NonFinite(ValueError):
-  """A step's loss or gradients were NaN / Inf under config.train.nonfinite = 'stop'."""
-
-
 def log(message: str) -> None:
   """Prints on process 0 only, so N processes do not print N copies."""
   if jax.process_index() == 0:
     tqdm.tqdm.write(f'[mmfusion] {message}')
-
-
-class Interrupt:
-  """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and exits.
-
-  A second signal interrupts immediately (for a wedged run)."""
-
-  def __init__(self):
-    self.signum: int | None = None
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGINT, signal.SIGTERM):
-      self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    if self.signum is not None:
-      raise KeyboardInterrupt
-    self.signum = signum
-    when = ('the next step boundary' if jax.process_count() == 1 else
-            'the next log step (where all processes agree to stop)')
-    print(f'\n[mmfusion] {signal.Signals(signum).name} received: saving a checkpoint at {when}, '
-          'then stopping (signal again to stop at once).', flush=True)
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
 
 
 class TrainProgram:
@@ -126,7 +94,7 @@ class TrainProgram:
     self.tx, self.lr_schedule = optim.make(config.optim, config.total_steps, config.freeze,
                                            self.adapters_only)
 
-    self.nonfinite = config.get('train', {}).get('nonfinite', 'stop')   # 'stop' | 'skip'
+    self.nonfinite_mode = config.get('train', {}).get('nonfinite', 'stop')   # nonfinite.py
     self.expected_batch = init_batch(config)
     boxed = jax.eval_shape(self.model.init, jax.random.key(0), self.expected_batch)
     self.param_specs = nn.get_partition_spec(boxed)['params']
@@ -206,12 +174,12 @@ class TrainProgram:
     params = optax.apply_updates(state.params, updates)
     metrics['grad_norm'] = optax.global_norm(grads)
     finite = jnp.all(jnp.stack([jnp.isfinite(v).all() for v in jax.tree.leaves(metrics)]))
-    if self.nonfinite == 'skip':
+    if self.nonfinite_mode == 'skip':
       # The update is dropped: params and optimizer state stay as they were (the step counts).
       keep = lambda new, old: jnp.where(finite, new, old)
       params = jax.tree.map(keep, params, state.params)
       opt_state = jax.tree.map(keep, opt_state, state.opt_state)
-    metrics['nonfinite'] = jnp.logical_not(finite).astype(jnp.float32)
+    metrics[nonfinite.FLAG] = jnp.logical_not(finite).astype(jnp.float32)
     metrics['lr'] = self.lr_schedule(state.step)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -408,35 +376,10 @@ class Trainer:
         'data': {'examples_seen': step * self.config.batch_size,
                  'epoch': step // self.steps_per_epoch,
                  'batch_in_epoch': step % self.steps_per_epoch},
-        'nonfinite_skipped': self.skipped_steps + self._count_nonfinite(pending),
+        'nonfinite_skipped': self.skipped_steps + nonfinite.count(pending),
         'config': self.config.to_dict(),
     }
     self.checkpointer.save(step, state, json.loads(json.dumps(meta, default=str)))
-
-  # -- non-finite steps -------------------------------------------------------------------
-
-  @staticmethod
-  def _count_nonfinite(pending: list) -> int:
-    return int(sum(jax.device_get([m['nonfinite'] for _, m in pending]))) if pending else 0
-
-  def _stop_if_nonfinite(self, pending: list) -> None:
-    """Under nonfinite='stop', raises NonFinite naming the first such step of `pending` (steps
-    run since the last check): before any save, so every checkpoint is from before it."""
-    if self.program.nonfinite != 'stop' or not self._count_nonfinite(pending):
-      return
-    step, metrics = next((s, m) for s, m in pending if jax.device_get(m['nonfinite']))
-    values = jax.device_get(metrics)
-    names = sorted(k for k, v in values.items() if k != 'nonfinite' and not np.isfinite(v).all())
-    losses, others = [k for k in names if 'loss' in k], [k for k in names if 'loss' not in k]
-    latest = self.checkpointer.latest_step()
-    last = (f'{self.checkpointer.directory}/{latest}' if latest is not None
-            else 'none (no checkpoint was written before it)')
-    raise NonFinite(
-        f'step {step}: non-finite {", ".join(losses or others)}'
-        + (f' (and {", ".join(others)})' if losses and others else '') + '; stopped without saving '
-        f'(config.train.nonfinite=stop). Last checkpoint, from before it: {last}. Lower '
-        f'config.optim.lr (now {self.config.optim.lr:g}) or raise warmup, or set '
-        'config.train.nonfinite=skip to drop such updates.')
 
   # -- loop -------------------------------------------------------------------------------
 
@@ -459,7 +402,7 @@ class Trainer:
     bar = tqdm.tqdm(total=config.total_steps, initial=start, desc='train', unit='step',
                     dynamic_ncols=True, disable=jax.process_index() != 0)
     # The bar ends its line however the loop ends, so that an error's line starts on its own.
-    with Interrupt() as interrupt, contextlib.closing(bar):
+    with interrupt_lib.Interrupt() as interrupt, contextlib.closing(bar):
       for step in range(start + 1, config.total_steps + 1):
         t0 = time.perf_counter()
         batch = next(batches)
@@ -482,7 +425,7 @@ class Trainer:
         if step < config.total_steps:
           self.evaluate(state, step)
         at_log_step = step % config.log_every == 0
-        if (signum := self._agreed_signal(interrupt, at_log_step)) is not None:
+        if (signum := interrupt.agreed(at_log_step)) is not None:
           self.save(state, step, pending)
           self.checkpointer.wait()
           self.writer.close()
@@ -514,33 +457,25 @@ class Trainer:
         self.checkpointer.close()
       self.lock.release()
 
-  @staticmethod
-  def _agreed_signal(interrupt: Interrupt, at_log_step: bool) -> int | None:
-    """The signal to stop on, decided at the same step by every process.
-
-    One process stops at the next step boundary. Several processes must save the same step
-    together (the save is collective), and a signal reaches them at different steps, so
-    they compare flags at log steps only, where the loop already waits for the devices.
-    """
-    if jax.process_count() == 1:
-      return interrupt.signum
-    if not at_log_step:
-      return None
-    flags = multihost_utils.process_allgather(np.int32(interrupt.signum or 0))
-    return int(np.max(flags)) or None
+  def _stop_if_nonfinite(self, pending: nonfinite.Pending) -> None:
+    if self.program.nonfinite_mode == 'stop':
+      latest = self.checkpointer.latest_step()
+      nonfinite.stop_if_any(
+          pending, lr=self.config.optim.lr,
+          last_checkpoint=None if latest is None else f'{self.checkpointer.directory}/{latest}')
 
   def _log(self, step, pending, seconds, wait_s) -> dict[str, float]:
     fetched = [m for _, m in jax.device_get(pending)]
-    skipped = int(sum(m['nonfinite'] for m in fetched))
+    skipped = int(sum(m[nonfinite.FLAG] for m in fetched))
     # Means over the steps whose update was applied (all of them unless nonfinite='skip').
-    kept = [m for m in fetched if not m['nonfinite']] or fetched
-    logged = {k: float(np.mean([m[k] for m in kept])) for k in fetched[-1] if k != 'nonfinite'}
+    kept = [m for m in fetched if not m[nonfinite.FLAG]] or fetched
+    logged = {k: float(np.mean([m[k] for m in kept])) for k in fetched[-1] if k != nonfinite.FLAG}
     logged['lr'] = float(fetched[-1]['lr'])
     if skipped:
       self.skipped_steps += skipped
       log(f'warning: {skipped} step(s) up to step {step} had non-finite losses or gradients; '
           f'their updates were dropped (config.train.nonfinite=skip; {self.skipped_steps} so far).')
-    if self.program.nonfinite == 'skip':
+    if self.program.nonfinite_mode == 'skip':
       logged['skipped_steps'] = self.skipped_steps
     logged['steps_per_sec'] = len(pending) / seconds
     logged['examples_per_sec'] = len(pending) * self.config.batch_size / seconds

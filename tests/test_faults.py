@@ -309,7 +309,8 @@ BAD_INPUTS = {
     'total_steps_zero': (lambda c: (_smoke(c.data_dir, '--config.total_steps=0'), c.new()),
                          'config.total_steps = 0: must be > 0'),
     'nonfinite_value': (lambda c: (_smoke(c.data_dir, '--config.train.nonfinite=ignore'),
-                                   c.new()), "config.train.nonfinite = 'ignore'"),
+                                   c.new()),
+                        "config.train.nonfinite = 'ignore': must be one of ('stop', 'skip')"),
     'freeze_unknown': (lambda c: (_smoke(c.data_dir, "--config.freeze=('imagee',)"), c.new()),
                        "config.freeze names 'imagee'"),
     'objective_without_input': (

@@ -38,9 +38,9 @@ def describe(error: BaseException) -> str:
   return f'{type(error).__name__}: {first}' if first else type(error).__name__
 
 
-def write_log(error: BaseException, workdir: str | None, extra: str = '') -> str:
-  """Appends `error`'s traceback (and `extra`, e.g. a library's output) to the workdir's error
-  log (a temporary file when the workdir does not exist); returns the file's path."""
+def write_log(error: BaseException, workdir: str | None) -> str:
+  """Appends `error`'s traceback (and its `details`, what a library printed while failing) to
+  the workdir's error log (a temporary file when the workdir does not exist); returns its path."""
   if workdir and os.path.isdir(workdir):
     path = os.path.join(workdir, ERROR_LOG)
   else:
@@ -49,9 +49,8 @@ def write_log(error: BaseException, workdir: str | None, extra: str = '') -> str
     f.write(f'--- {time.strftime("%Y-%m-%d %H:%M:%S")} pid {os.getpid()}\n')
     f.write(''.join(traceback.format_exception(error)))
     details = getattr(error, 'details', '')
-    for text in (details, extra):
-      if text:
-        f.write(f'--- output captured while it failed:\n{text}\n')
+    if details:
+      f.write(f'--- output captured while it failed:\n{details}\n')
   return path
 
 

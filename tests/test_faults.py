@@ -101,8 +101,9 @@ def _saving(workdir):
 def test_kill_9_and_sigterm_at_random_moments_resume_bitwise(clip_run, tmp_path):
   """SIGTERM once, then kill -9 mid-save and at a random moment, then run to the end: the final
   params and metrics are those of the uninterrupted shared run, bit for bit."""
-  rng = random.Random(int(time.time()))
-  seed_note = f'random moments from seed {rng.getstate()[1][0]}'
+  seed = int(time.time())
+  rng = random.Random(seed)
+  seed_note = f'random moments from seed {seed}'
   data_dir = shared_runs.data_dir()
   workdir = tmp_path / 'interrupted'
   run = lambda: cli(CLIP_RUN[0], workdir, data_dir, *CLIP_RUN[1], wait=False)

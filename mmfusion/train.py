@@ -36,8 +36,6 @@ from mmfusion import resume
 from mmfusion import sharding
 from mmfusion import writers
 from mmfusion.data import ops as data_ops
-from mmfusion.data import sources
-from mmfusion.data import training as training_data
 from mmfusion.models import layers
 from mmfusion.models import layout
 from mmfusion.models import model as model_lib
@@ -201,6 +199,10 @@ class Trainer:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     self.workdir = os.path.abspath(os.path.expanduser(workdir))
     config_lib.validate(config, jax.device_count(), sharding.granules()[0])
+    # Reading data imports TensorFlow; TrainProgram (the step alone, as benchmarks time it)
+    # needs none of it.
+    from mmfusion.data import sources  # noqa: PLC0415
+    from mmfusion.data import training as training_data  # noqa: PLC0415
     self.source = sources.Source(config)
     self.source.builder           # the dataset is resolved (and rendered) before anything else
     self.config = config = config_lib.resolve(config, self.source)
@@ -395,6 +397,7 @@ class Trainer:
         f.write(config.to_json_best_effort(indent=2))
     state, _ = self.create_state()
     start = int(state.step)
+    from mmfusion.data import training as training_data  # noqa: PLC0415
     batches = training_data.batches(self.source, self.program.batch_sharding, start_step=start)
 
     pending: list[tuple[int, dict[str, jax.Array]]] = []     # (step, metrics) since the last log

@@ -84,9 +84,22 @@ def test_datasheet_peaks_by_device_kind():
   assert flops.matmul_arithmetic('bfloat16', 'gpu') == 'bfloat16'
 
 
-def test_cli_end_to_end_writes_a_consistent_record(tmp_path):
+# `python -m MODULE ARGS` with TensorFlow and TFDS unimportable, as on the device image.
+WITHOUT_TENSORFLOW = """
+import importlib.abc, runpy, sys
+class Blocker(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path, target=None):
+    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets'):
+      raise ImportError(f'{name} is not installed here')
+sys.meta_path.insert(0, Blocker())
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)
+"""
+
+
+def test_cli_end_to_end_without_tensorflow_writes_a_consistent_record(tmp_path):
   json_out, results_md = tmp_path / 'run.json', tmp_path / 'RESULTS.md'
-  cmd = [sys.executable, '-m', 'benchmarks.train_step',
+  cmd = [sys.executable, '-c', WITHOUT_TENSORFLOW, 'benchmarks.train_step',
          '--config', 'configs/benchmark.py:tiny,depth=1,batch=8',
          '--config.data.image_size=16', '--config.tokenizer.max_len=8',
          '--steps', '2', '--warmup', '1', '--peer', 'none', '--matmul_size', '128',

@@ -14,11 +14,10 @@ import functools
 from typing import Any, Sequence
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from mmfusion.data import ops
 from mmfusion.data import text
+from mmfusion.data.tf_lazy import tf, tfds  # imported at first use
 
 
 def pad_clip(clip: tf.Tensor, num_samples: int, where: str) -> dict[str, tf.Tensor]:

@@ -7,11 +7,10 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from mmfusion import config as config_lib
 from mmfusion.data import ops
+from mmfusion.data.tf_lazy import tf  # imported at first use
 
 # Colour jitter ranges, small enough that no colour name changes (hue is never touched):
 # brightness shifts by up to +-BRIGHTNESS (images in [0, 1]), contrast and saturation
@@ -77,7 +76,7 @@ class ImageOp(ops.Op):
   S = config.data.image_size; in training with colour jitter (config.data.augment)."""
   name = 'image'
   num_random = NUM_JITTER_PARAMS
-  feature_types = {'image': tfds.features.Image}
+  feature_types = {'image': 'Image'}
 
   @property
   def size(self) -> int:

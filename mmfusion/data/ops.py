@@ -22,8 +22,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
+from mmfusion.data.tf_lazy import tf, tfds  # imported at first use
+
 
 Fields = dict[str, Any]
 
@@ -33,7 +33,9 @@ class Op:
   need; every stage defaults to passing the op's fields through unchanged."""
   name = ''
   num_random = 0            # uniform numbers per example the training view draws
-  feature_types: dict[str, type] = {}   # feature -> the TFDS feature type it must have
+  # feature -> the TFDS feature type it must have: a class, or its name in tfds.features (a name
+  # keeps TFDS unimported until a dataset is checked).
+  feature_types: dict[str, type | str] = {}
 
   def __init__(self, source: Any):
     self.source = source                 # data.sources.Source: config, builder, vocabularies
@@ -52,6 +54,7 @@ class Op:
       raise ValueError(f'config.data.inputs has {self.name!r}, which reads features {missing}; '
                        f'dataset {self.source.where} has {sorted(available.keys())}.')
     for feature, kind in self.feature_types.items():
+      kind = getattr(tfds.features, kind) if isinstance(kind, str) else kind
       if not isinstance(available[feature], kind):
         raise ValueError(f'dataset {self.source.where}: {feature!r} is not a {kind.__name__} '
                          f'feature (input {self.name!r} reads it as one).')
@@ -152,7 +155,7 @@ def training_spec(config: Any, batch_size: int) -> dict[str, tuple[tuple[int, ..
 class Label(Op):
   """The dataset's ClassLabel `label` -> label int32 [B]."""
   name = 'label'
-  feature_types = {'label': tfds.features.ClassLabel}
+  feature_types = {'label': 'ClassLabel'}
 
   def spec(self, batch_size):
     return {'label': ((batch_size,), np.int32)}
@@ -171,7 +174,7 @@ class Objects(Op):
   colour / shape / size, whichever the dataset has) -> object_<attribute> int32 [B, 2], -1 where
   there is no such object. Evaluation only: the captioning scores read them."""
   name = 'objects'
-  feature_types = {'objects': tfds.features.Sequence}
+  feature_types = {'objects': 'Sequence'}
 
   def attributes(self) -> list[str]:
     objects = self.source.features['objects']

@@ -11,15 +11,16 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from mmfusion.data import ops
-from mmfusion.data import sources
 from mmfusion.data import tokenizer as tokenizer_lib
+from mmfusion.data.tf_lazy import tf, tfds  # imported at first use
+
+if TYPE_CHECKING:
+  from mmfusion.data import sources   # reading a dataset imports TensorFlow
 
 
 def num_texts(feature: Any) -> int:

@@ -24,9 +24,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
-import tensorflow as tf
 
 from mmfusion.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID  # noqa: F401 (re-exported)
+from mmfusion.data.tf_lazy import tf  # imported at first use
 
 
 def train_tokenizer(sentences: Iterable[str], model_path: str, vocab_size: int) -> str:

@@ -20,22 +20,12 @@ import re
 import time
 from typing import Any, Iterable, Iterator, Mapping
 
-import tensorflow as tf
-import tensorflow_datasets as tfds
+from mmfusion.data.tf_lazy import tf, tfds
 
-from mmfusion.data import shapes  # noqa: F401  (registers the embedded dataset with TFDS)
-
-
-def _hide_accelerators_from_tensorflow() -> None:
-  # tf.data only needs CPUs; a TF that grabs a GPU/TPU takes its memory from JAX.
-  for kind in ('GPU', 'TPU'):
-    try:
-      tf.config.set_visible_devices([], kind)
-    except (RuntimeError, ValueError):   # already initialised, or no such device type
-      pass
-
-
-_hide_accelerators_from_tensorflow()
+# This module reads datasets: TensorFlow now (kept off the accelerators), before shapes.py
+# imports TFDS.
+tf.load()
+from mmfusion.data import shapes  # noqa: E402,F401  (registers the embedded dataset with TFDS)
 
 _DEFAULT_DATA_DIR = os.path.join('~', '.cache', 'mmfusion', 'datasets')
 

@@ -9,7 +9,7 @@
   spoken.py      its spoken configs              tts.py     text to speech (eSpeak NG)
   files.py       your own images and captions (config.data.name = 'files:PATH'), built once
                  into a TFDS dataset             manifests.py  its JSONL / CSV / folder reading
-  tokenizer.py   sentencepiece
+  tokenizer.py   sentencepiece                   tf_lazy.py  TensorFlow / TFDS, imported at first use
 
 Importing the package registers the built-in ops.
 """

@@ -257,7 +257,7 @@ def validate(config: ConfigDict, num_devices: int | None = None, num_granules: i
   FileNotFoundError for a missing init_from path) naming the config key. `num_devices`: check the
   mesh and the batch split against that many devices (in `num_granules` granules)."""
   import jax  # noqa: PLC0415  (config files import this module; keep that light)
-  from mmfusion import checkpoint, evals, nonfinite, objectives, sharding
+  from mmfusion import checkpoint, evals, nonfinite, objectives
   from mmfusion.data import ops
   from mmfusion.models import fusion as fusion_lib
   from mmfusion.models import heads as heads_lib
@@ -297,11 +297,7 @@ def validate(config: ConfigDict, num_devices: int | None = None, num_granules: i
   _need(mode in nonfinite.MODES,
         f'config.train.nonfinite = {mode!r}: must be one of {nonfinite.MODES}.')
   if num_devices is not None:
-    shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(
-        config.mesh, num_devices, config.mesh_dcn, num_granules)))
-    rules = sharding.rules_from_config(config.sharding)
-    batch_axes = sharding.logical_axes_of(('batch',), rules)
-    dp = math.prod(shape[a] for a in batch_axes)
+    dp, batch_axes, shape = _data_parallel(config, num_devices, num_granules)
     _need(config.batch_size % dp == 0,
           f'config.batch_size = {config.batch_size} must be divisible by the data-parallel size '
           f'{dp} (the batch is split over mesh axes {batch_axes} of sizes {shape}).')
@@ -416,6 +412,17 @@ def _leave_out_label_evals(config: ConfigDict, dataset: str) -> None:
     del config.evals[name]
 
 
+def _data_parallel(config: ConfigDict, num_devices: int, num_granules: int
+                   ) -> tuple[int, tuple[str, ...], dict[str, int]]:
+  """(data-parallel size, the mesh axes the batch is split over, the mesh's axis sizes) of
+  config.mesh / config.sharding on `num_devices` devices."""
+  from mmfusion import sharding  # noqa: PLC0415
+  shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(
+      config.mesh, num_devices, config.mesh_dcn, num_granules)))
+  batch_axes = sharding.logical_axes_of(('batch',), sharding.rules_from_config(config.sharding))
+  return math.prod(shape[a] for a in batch_axes), batch_axes, shape
+
+
 def _fit_batch_size(config: ConfigDict, source: Any) -> None:
   """A train split smaller than config.batch_size: the largest batch it fills, in whole
   multiples of what a batch is split over (the data-parallel devices times accum_steps, and the
@@ -430,10 +437,8 @@ def _fit_batch_size(config: ConfigDict, source: Any) -> None:
   available = num // processes * processes    # each process reads an equal part of it
   if available >= config.batch_size:
     return
-  shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(
-      config.mesh, jax.device_count(), config.mesh_dcn, sharding.granules()[0])))
-  batch_axes = sharding.logical_axes_of(('batch',), sharding.rules_from_config(config.sharding))
-  multiple = math.lcm(math.prod(shape[a] for a in batch_axes) * config.accum_steps, processes)
+  dp, _, _ = _data_parallel(config, jax.device_count(), sharding.granules()[0])
+  multiple = math.lcm(dp * config.accum_steps, processes)
   fitted = available // multiple * multiple
   _need(fitted > 0, f'config.data.train_split = {config.data.train_split!r} of dataset '
         f'{source.where} has {num} examples, fewer than the smallest batch: {multiple} '

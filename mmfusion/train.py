@@ -372,13 +372,15 @@ class Trainer:
     """Checkpoints `state` (after step `step`); `pending`: the steps' metrics not logged yet."""
     if self.checkpointer.latest_step() == step:
       return
-    self._stop_if_nonfinite(pending)
+    newly_skipped = nonfinite.count(pending)     # one host sync for the steps since the log
+    if newly_skipped:
+      self._stop_if_nonfinite(pending)
     meta = {
         'step': step,
         'data': {'examples_seen': step * self.config.batch_size,
                  'epoch': step // self.steps_per_epoch,
                  'batch_in_epoch': step % self.steps_per_epoch},
-        'nonfinite_skipped': self.skipped_steps + nonfinite.count(pending),
+        'nonfinite_skipped': self.skipped_steps + newly_skipped,
         'config': self.config.to_dict(),
     }
     self.checkpointer.save(step, state, json.loads(json.dumps(meta, default=str)))

@@ -100,11 +100,10 @@ class Source:
 
   def class_names(self) -> list[str]:
     """Names of the dataset's `label` classes (the zero-shot prompts' words)."""
-    label = self.features['label'] if 'label' in self.features else None
-    if not isinstance(label, tfds.features.ClassLabel):
+    if not self.has_labels():
       raise ValueError(f'Dataset {self.where} has no ClassLabel feature "label"; its features: '
                        f'{sorted(self.features.keys())}')
-    return list(label.names)
+    return list(self.features['label'].names)
 
   def num_examples(self, split: Any) -> int:
     return self.builder.info.splits[split].num_examples

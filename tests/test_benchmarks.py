@@ -32,21 +32,24 @@ def _analytic_train_flops(config):
   """Matmul FLOPs of one CLIP training step by hand: forward x 3 (the backward pass is two
   matmuls per forward one). Per token and layer: q, k, v, out projections (4 W^2 MACs), the
   MLP (2 W M), and attention scores + weighted sum (2 N W MACs; XLA computes the full N x N
-  under a causal mask too); plus the patch embedding, both projections and the B x B logits."""
+  under a causal mask too); plus the patch embedding, both projections and the B x B logits.
+  In the last layer CLIP's loss reads only the pooled token: every token's keys and values
+  (2 W^2), and the rest for that one token (layers.Encoder)."""
   batch, embed = config.batch_size, config.model.embed_dim
   size, patch = config.data.image_size, config.model.towers.image.patch_size
   patches = (size // patch) ** 2
 
   def encoder(tokens, tower):
     w, m = tower.width, tower.mlp_dim
-    return tokens * tower.depth * (2 * (4 * w * w + 2 * w * m) + 2 * 2 * tokens * w)
+    layer = tokens * (2 * (4 * w * w + 2 * w * m) + 2 * 2 * tokens * w)
+    last = tokens * 2 * 2 * w * w + 2 * (2 * w * w + 2 * w * m) + 2 * 2 * tokens * w
+    return (tower.depth - 1) * layer + last
 
   image_w, text_w = config.model.towers.image.width, config.model.towers.text.width
   image = (encoder(patches + 1, config.model.towers.image)          # + cls token
            + patches * 2 * (patch * patch * 3) * image_w + 2 * image_w * embed)
   text = encoder(config.tokenizer.max_len, config.model.towers.text) + 2 * text_w * embed
   return 3 * (batch * (image + text) + 2 * batch * batch * embed)
-
 
 @pytest.mark.parametrize('arg', ['tiny,depth=2,batch=16', 'tiny,depth=2,batch=16,scan,remat=full'])
 def test_model_flops_match_a_hand_count(arg):
@@ -280,7 +283,7 @@ def test_contrastive_memory_benchmark_records_linear_ring_and_quadratic_dense(tm
 def test_accumulation_memory_benchmark_records_smaller_temporaries_per_micro_batch(tmp_path):
   json_out, results_md = tmp_path / 'run.json', tmp_path / 'RESULTS.md'
   cmd = [sys.executable, '-m', 'benchmarks.accumulation_memory',
-         '--config=configs/benchmark.py:tiny,depth=1', '--batch=16', '--accum=1,4',
+         '--config=configs/benchmark.py:tiny,depth=3', '--batch=16', '--accum=1,4',
          f'--results_md={results_md}', f'--json_out={json_out}']
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
   run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

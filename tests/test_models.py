@@ -101,8 +101,10 @@ def test_eos_pool_takes_last_real_token():
   batch = make_batch(lengths=(3, 6))
   variables = tower.init(jax.random.key(0), batch['text'], batch['text_mask'])
   tokens, _, pooled, _ = tower.apply(variables, batch['text'], batch['text_mask'])
-  np.testing.assert_array_equal(pooled[0], tokens[0, 2])
-  np.testing.assert_array_equal(pooled[1], tokens[1, 5])
+  # The pooled token is computed apart in the last block (layers.Encoder): equal up to the
+  # order of float32 sums.
+  np.testing.assert_allclose(pooled[0], tokens[0, 2], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(pooled[1], tokens[1, 5], rtol=1e-5, atol=1e-6)
   assert list(text_lib.last_true_index(jnp.array([[1, 1, 0], [0, 0, 0], [1, 0, 1]], bool))) \
       == [1, 0, 2]
 

@@ -127,10 +127,17 @@ class AudioTransformer(nn.Module):
 
     x_bnw = nn.Dropout(stack.dropout)(x_bnw, not train)
     # Key-padding mask [B,1,1,N]: no query, real or padded, attends to a padded patch.
-    x_bnw = layers.Encoder(stack, name='encoder')(x_bnw, key_mask_bn[:, None, None, :], not train)
-
+    encoder = layers.Encoder(stack, name='encoder')
+    key_mask_b11n = key_mask_bn[:, None, None, :]
     if self.pool == 'cls':
-      pooled_bw, x_bnw = x_bnw[:, 0], x_bnw[:, 1:]
+      # The cls token comes out of the encoder on its own (layers.Encoder: a loss reading only
+      # the pooled vector then skips the patches in the last block).
+      x_bnw, pooled_bw = encoder(x_bnw, key_mask_b11n, not train, jnp.zeros((batch,), jnp.int32))
+      x_bnw = x_bnw[:, 1:]
+    else:
+      x_bnw = encoder(x_bnw, key_mask_b11n, not train)
+    if self.pool == 'cls':
+      pass   # pooled above
     elif self.pool == 'gap':  # mean over real tokens; an all-padding row pools to zeros, not NaN.
       weights_bn1 = real_bn.astype(jnp.float32)[:, :, None]
       count_b1 = jnp.maximum(jnp.sum(weights_bn1, axis=1), 1.0)

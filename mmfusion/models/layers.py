@@ -188,6 +188,14 @@ def stack_norm(stack: StackOptions, name: str) -> nn.LayerNorm:
   return layer_norm(stack.dtype, stack.param_dtype, name, stack.norm_eps)
 
 
+BQHD = ('batch', 'length', 'heads', 'kv')   # logical axes of queries, keys, values per head
+
+
+def take_tokens(x_blw: Array, index_b: Array) -> Array:
+  """The token at `index_b` (int [B]) of each example: [B,1,W]."""
+  return jnp.take_along_axis(x_blw, index_b[:, None, None].astype(jnp.int32), axis=1)
+
+
 def _as_4d(mask: Array) -> Array:
   """Prepends unit dims (numpy broadcasting) so a mask is 4-D, as the attention kernels need."""
   if mask.ndim > 4:
@@ -326,7 +334,16 @@ class MultiHeadAttention(nn.Module):
   causal: bool = False
 
   @nn.compact
-  def __call__(self, x_q: Array, x_kv: Array | None = None, mask: Array | None = None) -> Array:
+  def __call__(self, x_q: Array, x_kv: Array | None = None, mask: Array | None = None,
+               pool_at: Array | None = None) -> Array | tuple[Array, Array]:
+    """Attention of x_q's tokens to x_kv's (default x_q): [B,Lq,W].
+
+    `pool_at` (int [B], self-attention only): also the output of one query per example, the
+    token at that index, computed on its own: returns (outputs [B,Lq,W], pooled [B,1,W]).
+    Keys and values are projected once for both. When nothing reads the first output, XLA
+    drops the work of every other query (see Encoder)."""
+    if pool_at is not None and x_kv is not None:
+      raise ValueError('pool_at is for self-attention (x_kv=None)')
     x_kv = x_q if x_kv is None else x_kv
     width, num_heads = x_q.shape[-1], self.stack.num_heads
     if width % num_heads:
@@ -339,25 +356,50 @@ class MultiHeadAttention(nn.Module):
         HeadsDense, kernel_shape=(width, num_heads, head_dim),
         kernel_axes=('embed', 'heads', 'kv'), in_dims=1, **dtypes)
     lora = _lora_kwargs(self.stack)
-    bqhd = ('batch', 'length', 'heads', 'kv')
     # No key bias: it adds q.b_k to every logit of a query alike, which softmax ignores, so
     # its gradient is zero up to round-off (and Adam would turn that round-off into updates).
     projections = [project_in(name='query', **lora('query')),
                    project_in(name='key', use_bias=False, **lora('key')),
                    project_in(name='value', **lora('value'))]
-    if x_kv is x_q and not self.stack.quantize:
+    fuse = x_kv is x_q and not self.stack.quantize
+    if fuse and pool_at is None:
       # Self-attention: one matmul with the three kernels side by side feeds the matrix units
       # better than three thin ones; the params stay three separate names.
       q_bqhd, k_bkhd, v_bkhd = _fused_projection(projections, x_q)
     else:
+      # With pool_at the queries stay apart, so that unread ones can be dropped.
+      k_bkhd, v_bkhd = (_fused_projection(projections[1:], x_kv) if fuse else
+                        (projections[1](x_kv), projections[2](x_kv)))
       q_bqhd = projections[0](x_q)
-      k_bkhd = projections[1](x_kv)
-      v_bkhd = projections[2](x_kv)
-    q_bqhd = checkpoint_name(constrain(q_bqhd, bqhd), 'qkv')
-    k_bkhd = checkpoint_name(constrain(k_bkhd, bqhd), 'qkv')
-    v_bkhd = checkpoint_name(constrain(v_bkhd, bqhd), 'qkv')
-
+    q_bqhd, k_bkhd, v_bkhd = (checkpoint_name(constrain(t, BQHD), 'qkv')
+                              for t in (q_bqhd, k_bkhd, v_bkhd))
     mask = None if mask is None else _as_4d(mask)
+    out = HeadsDense(
+        kernel_shape=(num_heads, head_dim, width), kernel_axes=('heads', 'kv', 'embed'),
+        in_dims=2, **dtypes, **lora('out'), name='out')
+
+    out_bqhd = self._attend(q_bqhd, k_bkhd, v_bkhd, mask)
+    tokens = checkpoint_name(constrain(out(out_bqhd), ('batch', 'length', 'embed')), 'attn_out')
+    if pool_at is None:
+      return tokens
+
+    # The pooled query sees the keys its token sees: the padding mask, and under causal
+    # attention the keys up to its own position. Plain jnp at [B,H,1,Lk] costs next to nothing
+    # on any backend (the fused kernels' masks and shapes are not needed here).
+    q_b1hd = checkpoint_name(projections[0](take_tokens(x_q, pool_at)), 'qkv')
+    length, pooled_mask = k_bkhd.shape[1], mask
+    if mask is not None and mask.shape[2] != 1:
+      raise ValueError('pool_at needs a key mask that is the same for every query '
+                       f'([B or 1, 1, 1, Lk]); got shape {mask.shape}')
+    if self.causal:
+      seen_b11k = (jnp.arange(length)[None, :] <= pool_at[:, None])[:, None, None, :]
+      pooled_mask = seen_b11k if mask is None else mask & seen_b11k
+    pooled_b1hd, _ = explicit_attention(q_b1hd, k_bkhd, v_bkhd, pooled_mask)
+    pooled = checkpoint_name(out(pooled_b1hd), 'attn_out')
+    return tokens, constrain(pooled, ('batch', None, 'embed'))
+
+  def _attend(self, q_bqhd: Array, k_bkhd: Array, v_bkhd: Array, mask: Array | None) -> Array:
+    """softmax(q k^T / sqrt(d)) v by `stack.attention_impl`: [B,Lq,H,D]."""
     if self.stack.attention_impl == 'explicit':
       full_mask = self._full_mask(mask, q_bqhd.shape[1], k_bkhd.shape[1])
       weights_bhqk = attention_weights(q_bqhd, k_bkhd, full_mask)
@@ -380,12 +422,7 @@ class MultiHeadAttention(nn.Module):
         has_key_bhq1 = jnp.any(self._full_mask(mask, q_bqhd.shape[1], k_bkhd.shape[1]),
                                axis=-1, keepdims=True)
         out_bqhd = jnp.where(jnp.swapaxes(has_key_bhq1, 1, 2), out_bqhd, 0).astype(out_bqhd.dtype)
-    out_bqhd = checkpoint_name(constrain(out_bqhd, bqhd), 'attention')
-
-    out = HeadsDense(
-        kernel_shape=(num_heads, head_dim, width), kernel_axes=('heads', 'kv', 'embed'),
-        in_dims=2, **dtypes, **lora('out'), name='out')(out_bqhd)
-    return checkpoint_name(constrain(out, ('batch', 'length', 'embed')), 'attn_out')
+    return checkpoint_name(constrain(out_bqhd, BQHD), 'attention')
 
   def _full_mask(self, mask: Array | None, len_q: int, len_k: int) -> Array | None:
     """The padding mask combined with the causal one (same lower-triangle as jax's `is_causal`)."""
@@ -421,24 +458,32 @@ class EncoderBlock(nn.Module):
 
   The call signature `(x, mask, deterministic) -> x` is what `nn.scan` over layers needs
   (x is the carry, mask and deterministic are broadcast), so scanning changes only the
-  param layout (a leading 'layers' axis), not the maths.
+  param layout (a leading 'layers' axis), not the maths. With `pool_at` (int [B]) it returns
+  (x, the token at pool_at computed on its own [B,W]): see Encoder.
   """
   stack: StackOptions
   causal: bool = False
 
   @nn.compact
   def __call__(self, x_ble: Array, mask: Array | None = None,
-               deterministic: bool = True) -> Array:
+               deterministic: bool = True, pool_at: Array | None = None
+               ) -> Array | tuple[Array, Array]:
     stack = self.stack
     x_ble = constrain(x_ble, ('batch', 'length', 'embed'))
-    y = stack_norm(stack, 'ln_attn')(x_ble)
-    y = MultiHeadAttention(stack, causal=self.causal, name='attn')(y, mask=mask)
-    x_ble = x_ble + nn.Dropout(stack.dropout)(y, deterministic)
+    attn = MultiHeadAttention(stack, causal=self.causal, name='attn')
+    ln_mlp, mlp = stack_norm(stack, 'ln_mlp'), MlpBlock(stack, name='mlp')
 
-    y = stack_norm(stack, 'ln_mlp')(x_ble)
-    y = MlpBlock(stack, name='mlp')(y, deterministic)
-    x_ble = x_ble + nn.Dropout(stack.dropout)(y, deterministic)
-    return constrain(x_ble, ('batch', 'length', 'embed'))
+    def add_mlp(x):
+      return x + nn.Dropout(stack.dropout)(mlp(ln_mlp(x), deterministic), deterministic)
+
+    y = stack_norm(stack, 'ln_attn')(x_ble)
+    if pool_at is None:
+      x_ble = x_ble + nn.Dropout(stack.dropout)(attn(y, mask=mask), deterministic)
+      return constrain(add_mlp(x_ble), ('batch', 'length', 'embed'))
+    y_ble, y_b1e = attn(y, mask=mask, pool_at=pool_at)
+    x_b1e = take_tokens(x_ble, pool_at) + nn.Dropout(stack.dropout)(y_b1e, deterministic)
+    x_ble = add_mlp(x_ble + nn.Dropout(stack.dropout)(y_ble, deterministic))
+    return constrain(x_ble, ('batch', 'length', 'embed')), add_mlp(x_b1e)[:, 0]
 
 
 class _ScanStep(EncoderBlock):
@@ -471,18 +516,32 @@ class Encoder(nn.Module):
 
   stack.remat: see `remat_policy` ('none' | 'full' | 'save_dots' | 'named' with `remat_save`).
   Recomputing in the backward pass changes memory and speed, never params or outputs.
+
+  `pool_at` (int [B]): the index of the token a tower pools (cls, EOS); the call then returns
+  (tokens [B,L,W], pooled [B,W]), pooled being the normed token at pool_at. The last block
+  computes the pooled token on its own, beside all the tokens: a loss that reads only the
+  pooled token (CLIP's, SigLIP's) leaves the tokens' queries, attention and MLP in that block
+  unread, and XLA drops them, forward and backward (about 10/12 of the block's FLOPs). When
+  the tokens are read too (fusion, captioning), the extra work is one token per example.
+  Scanned stacks, recorded attention weights and dropout in training take the pooled token
+  from the tokens instead (the last block is inside the scan; the weights must cover every
+  query; dropout masks must agree).
   """
   stack: StackOptions
   causal: bool = False
 
   @nn.compact
   def __call__(self, x_ble: Array, mask: Array | None = None,
-               deterministic: bool = True) -> Array:
+               deterministic: bool = True, pool_at: Array | None = None
+               ) -> Array | tuple[Array, Array]:
     stack = self.stack
     block_cls = _ScanStep if stack.scan_layers else EncoderBlock
     # Under scan, XLA cannot merge the recomputation into the forward pass anyway, so the CSE
     # barrier that remat adds by default is only needed unrolled.
     block_cls = remat_module(block_cls, stack, 3, prevent_cse=not stack.scan_layers)
+    pooled_apart = (pool_at is not None and stack.depth > 0 and not stack.scan_layers
+                    and not stack.sow_weights and (deterministic or stack.dropout == 0.0))
+    pooled_bw = None
     if stack.scan_layers and stack.depth:
       scanned = nn.scan(
           block_cls, length=stack.depth,
@@ -493,5 +552,13 @@ class Encoder(nn.Module):
       x_ble, _ = scanned(stack, self.causal, name=SCANNED_BLOCKS)(x_ble, mask, deterministic)
     else:
       for i in range(stack.depth):
-        x_ble = block_cls(stack, self.causal, name=f'block_{i}')(x_ble, mask, deterministic)
-    return stack_norm(stack, 'encoder_norm')(x_ble)
+        block = block_cls(stack, self.causal, name=f'block_{i}')
+        if pooled_apart and i == stack.depth - 1:
+          x_ble, pooled_bw = block(x_ble, mask, deterministic, pool_at)
+        else:
+          x_ble = block(x_ble, mask, deterministic)
+    norm = stack_norm(stack, 'encoder_norm')
+    if pool_at is None:
+      return norm(x_ble)
+    pooled_bw = take_tokens(x_ble, pool_at)[:, 0] if pooled_bw is None else pooled_bw
+    return norm(x_ble), norm(pooled_bw)

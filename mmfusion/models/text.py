@@ -84,21 +84,23 @@ class TextEncoder(nn.Module):
 
     x_blw = nn.Dropout(stack.dropout)(x_blw, not train)
     # Key-padding mask [B,1,1,L]; the causal triangle is added inside the attention.
-    x_blw = layers.Encoder(stack, causal=self.causal, name='encoder')(
-        x_blw, key_mask_bl[:, None, None, :], not train)
-
-    if self.pool == 'cls':
-      pooled_bw, x_blw = x_blw[:, 0], x_blw[:, 1:]
-    elif self.pool == 'eos':
-      idx_b = last_true_index(real_bl)
-      pooled_bw = jnp.take_along_axis(x_blw, idx_b[:, None, None], axis=1)[:, 0]
-    elif self.pool == 'last':
-      pooled_bw = x_blw[:, -1]
-    else:  # gap: mean over real tokens; an all-padding row pools to zeros, not NaN.
+    encoder = layers.Encoder(stack, causal=self.causal, name='encoder')
+    key_mask_b11l = key_mask_bl[:, None, None, :]
+    if self.pool == 'gap':  # mean over real tokens; an all-padding row pools to zeros, not NaN.
+      x_blw = encoder(x_blw, key_mask_b11l, not train)
       weights_bl1 = real_bl.astype(jnp.float32)[:, :, None]
       count_b1 = jnp.maximum(jnp.sum(weights_bl1, axis=1), 1.0)
       pooled_bw = (jnp.sum(x_blw.astype(jnp.float32) * weights_bl1, axis=1) / count_b1).astype(
           stack.dtype)
+    else:
+      # The pooled token comes out of the encoder on its own (computed apart in the last
+      # block, which a loss reading only the pooled vector then skips for the other tokens).
+      pool_at_b = {'cls': jnp.zeros((batch,), jnp.int32),
+                   'eos': last_true_index(real_bl),
+                   'last': jnp.full((batch,), length - 1, jnp.int32)}[self.pool]
+      x_blw, pooled_bw = encoder(x_blw, key_mask_b11l, not train, pool_at_b)
+      if self.pool == 'cls':
+        x_blw = x_blw[:, 1:]
 
     embedding_bd = towers.projection(self.embed_dim, stack)(pooled_bw)
     return towers.Encoded(tokens=x_blw, mask=real_bl, pooled=pooled_bw, embedding=embedding_bd)

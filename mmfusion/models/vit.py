@@ -97,15 +97,18 @@ class ViT(nn.Module):
     if self.pre_norm:
       x_bnw = layers.stack_norm(stack, 'pre_norm')(x_bnw)
     x_bnw = nn.Dropout(stack.dropout)(x_bnw, not train)
-    x_bnw = layers.Encoder(stack, name='encoder')(x_bnw, None, not train)
-
+    encoder = layers.Encoder(stack, name='encoder')
     if self.pool == 'cls':
-      pooled_bw, tokens_bnw = x_bnw[:, 0], x_bnw[:, 1:]
+      # The cls token comes out of the encoder on its own (computed apart in the last block,
+      # which a loss reading only the pooled vector then skips for the patches: layers.Encoder).
+      x_bnw, pooled_bw = encoder(x_bnw, None, not train, jnp.zeros((batch,), jnp.int32))
+      tokens_bnw = x_bnw[:, 1:]
     elif self.pool == 'gap':
-      pooled_bw, tokens_bnw = jnp.mean(x_bnw, axis=1), x_bnw
+      tokens_bnw = encoder(x_bnw, None, not train)
+      pooled_bw = jnp.mean(tokens_bnw, axis=1)
     else:  # map
-      pooled_bw = MAPHead(stack, name='map_head')(x_bnw)
-      tokens_bnw = x_bnw
+      tokens_bnw = encoder(x_bnw, None, not train)
+      pooled_bw = MAPHead(stack, name='map_head')(tokens_bnw)
 
     embedding_bd = towers.projection(self.embed_dim, stack)(pooled_bw)
     return towers.Encoded(tokens=tokens_bnw, mask=jnp.ones(tokens_bnw.shape[:2], jnp.bool_),

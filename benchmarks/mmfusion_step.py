@@ -22,11 +22,14 @@ def flops_reference(config: ml_collections.ConfigDict,
                     program: train.TrainProgram) -> tuple[ml_collections.ConfigDict, list[str]]:
   """The config whose lowering XLA counts model FLOPs on, and the changes from `config`.
 
-  Model FLOPs are the maths of one step, without remat's recomputation. XLA's cost analysis
+  Model FLOPs are the maths one step needs: without remat's recomputation, and without work
+  whose result no loss reads (which XLA drops from the unrolled step: the towers' last blocks
+  compute only the pooled token under CLIP's loss, layers.Encoder). XLA's cost analysis
   counts a scanned (while-loop) body once instead of once per layer, counts remat's
   recomputation, and gives a fused attention kernel (cuDNN custom call) no FLOPs; so the
   reference is the same config unrolled, without remat, with XLA's attention. None of these
-  changes the maths of the step.
+  changes the maths of the step. (A scanned step computes its last blocks whole, as open_clip
+  does: work beyond the model FLOPs, which lowers its MFU.)
   """
   changes = {}
   if config.model.scan_layers:
@@ -68,48 +71,51 @@ def model_flops(config: ml_collections.ConfigDict, *, program: train.TrainProgra
   return flops_lib.read_flops(lowered), f'XLA cost analysis of {source}'
 
 
-def run(config: ml_collections.ConfigDict, batch_np: dict[str, np.ndarray], *,
-        warmup: int, steps: int) -> dict[str, Any]:
-  """Builds, compiles and times the training step; returns timings, FLOPs and memory."""
-  config_lib.validate(config, jax.device_count())
-  mesh = sharding.make_mesh(config.mesh)
-  program = train.TrainProgram(config, config.tokenizer.vocab_size, mesh)
-  state = program.init_state(config.seed)
-  batch = jax.device_put({k: batch_np[k] for k in program.expected_batch}, program.batch_sharding)
+class CompiledStep:
+  """The trainer's step compiled for `config` on a synthetic batch, ready to time in blocks
+  (`time`), with what was measured while building it (`info`: lower / compile seconds, model
+  FLOPs) and the memory it used so far (`memory()`)."""
 
-  # The AOT-compiled executable is the exact program `train_step` runs; calling it directly
-  # avoids compiling the step a second time in jit's own cache.
-  start = time.perf_counter()
-  lowered = program.lower_train_step(state, batch)
-  lower_s = time.perf_counter() - start
-  start = time.perf_counter()
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - start
-  step_flops, flops_source = model_flops(config, program=program, lowered=lowered)
+  def __init__(self, config: ml_collections.ConfigDict, batch_np: dict[str, np.ndarray]):
+    config_lib.validate(config, jax.device_count())
+    mesh = sharding.make_mesh(config.mesh)
+    program = train.TrainProgram(config, config.tokenizer.vocab_size, mesh)
+    state = program.init_state(config.seed)
+    self._batch = jax.device_put({k: batch_np[k] for k in program.expected_batch},
+                                 program.batch_sharding)
 
-  holder = {'state': state}
-  del state     # donated on the first step
+    # The AOT-compiled executable is the exact program `train_step` runs; calling it directly
+    # avoids compiling the step a second time in jit's own cache.
+    start = time.perf_counter()
+    lowered = program.lower_train_step(state, self._batch)
+    lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    self._compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    step_flops, flops_source = model_flops(config, program=program, lowered=lowered)
+    self._state = state     # donated on the first step
+    self.info = {
+        'lower_s': lower_s,
+        'compile_s': compile_s,
+        'flops_per_step': step_flops,
+        'flops_source': flops_source,
+        # What XLA counts for the program as run; below the model FLOPs under nn.scan (the
+        # loop body counted once), above them under remat (recomputation). For transparency.
+        'xla_flops_as_run': flops_lib.read_flops(lowered),
+    }
 
-  def step():
-    holder['state'], _ = compiled(holder['state'], batch)
-    return holder['state']
+  def _step(self):
+    self._state, _ = self._compiled(self._state, self._batch)
+    return self._state
 
-  seconds = timing.time_steps(step, warmup=warmup, steps=steps, sync=jax.block_until_ready)
-  result = {
-      'step_seconds': seconds,
-      'median_step_s': timing.median(seconds),
-      'lower_s': lower_s,
-      'compile_s': compile_s,
-      'flops_per_step': step_flops,
-      'flops_source': flops_source,
-      # What XLA counts for the program as run; below the model FLOPs under nn.scan (the loop
-      # body counted once), above them under remat (recomputation). Kept for transparency.
-      'xla_flops_as_run': flops_lib.read_flops(lowered),
-      'memory': {
-          'device_peak_bytes': environment.device_peak_bytes(),
-          'xla': environment.compiled_memory(compiled),
-          # Before any peer runs in this process; a high-water mark of the whole process.
-          'host_max_rss_bytes': environment.host_max_rss_bytes(),
-      },
-  }
-  return result   # the state, batch and executable are freed here, before any peer runs
+  def time(self, *, warmup: int, steps: int) -> list[float]:
+    return timing.time_steps(self._step, warmup=warmup, steps=steps, sync=jax.block_until_ready)
+
+  def memory(self) -> dict[str, Any]:
+    return {
+        'device_peak_bytes': environment.device_peak_bytes(),
+        'xla': environment.compiled_memory(self._compiled),
+        # A high-water mark of the whole process (the peer runs in a process of its own).
+        'host_max_rss_bytes': environment.host_max_rss_bytes(),
+    }
+

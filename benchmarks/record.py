@@ -50,7 +50,10 @@ MFU = achieved FLOP/s / peak, against a square matmul measured in the same run a
 the vendor's dense datasheet peak (n/a where unknown, e.g. CPUs). Peak memory: the device
 allocator's high-water mark, or on CPU the process's max RSS with XLA's plan for the step
 (arguments + outputs + temporaries - donated). open_clip ran the same architecture, batch and
-precision with its own training step (`benchmarks/peers/open_clip_step.py`)."""
+precision with its own training step (`benchmarks/peers/open_clip_step.py`). From 2026-12-06
+the two are alternated in rounds (open_clip's block, then mmfusion's, each warmed up first):
+step times are the median of the blocks' medians, and mmfusion/open_clip is the median of the
+per-round ratios, with the number of rounds and the lowest and highest ratio."""
 TRAIN_STEP_COLUMNS = (
     'Date (UTC)', 'Machine', 'Commit', 'Config', 'Batch', 'Step ms', 'Examples/s', 'Compile s',
     'TFLOP/step', 'TFLOP/s', 'MFU (matmul)', 'MFU (datasheet)', 'Peak memory',
@@ -113,8 +116,20 @@ def table_row(record: dict[str, Any]) -> list[str]:
       _pct(record['mfu_vs_datasheet']),
       memory_summary(record['memory']),
       'n/a' if peer is None else f"{peer['examples_per_sec']:.1f}",
-      'n/a' if record.get('ratio_vs_peer') is None else f"{record['ratio_vs_peer']:.2f}",
+      _ratio_cell(record),
   ]
+
+
+def _ratio_cell(record: dict[str, Any]) -> str:
+  """'1.18', or with paired rounds '1.18 (5 rounds, 1.10-1.25)': the median of the per-round
+  ratios, then their count and range."""
+  if record.get('ratio_vs_peer') is None:
+    return 'n/a'
+  cell = f"{record['ratio_vs_peer']:.2f}"
+  if len(record.get('pair_ratios') or ()) > 1:
+    cell += (f" ({len(record['pair_ratios'])} rounds, {record['ratio_min']:.2f}-"
+             f"{record['ratio_max']:.2f})")
+  return cell
 
 
 def _table_line(cells) -> str:

@@ -1,11 +1,12 @@
 """Wall-clock timing of training steps, shared by mmfusion and every peer so that both are
-measured the same way: warm-up calls, then one synchronised call per timed step.
+measured the same way: warm-up calls, then one synchronised call per timed step; and the
+alternation of two programs in paired rounds, whose per-round ratios noise cannot fake.
 """
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 # (warm-up, timed) steps when not given: a CPU step of the tiny benchmark takes seconds, an
 # accelerator step milliseconds.
@@ -42,3 +43,23 @@ def time_steps(step_fn: Callable[[], Any], *, warmup: int, steps: int,
 def median(seconds: list[float]) -> float:
   """The reported statistic: robust to the odd slow step (GC, a noisy neighbour on the host)."""
   return statistics.median(seconds)
+
+
+def alternate(sides: Sequence[tuple[str, Callable[[], list[float]]]], *, pairs: int,
+              pause_s: float = 0.5) -> dict[str, list[list[float]]]:
+  """Times the sides in turn, `pairs` rounds of A B (C ...): {side: [each block's seconds]}.
+
+  Each call `time_block()` warms its own side up before timing (the other side has just run on
+  the same cores and caches). On a shared machine whose speed drifts, the drift then falls on
+  both sides of a round alike, and per-round ratios cancel it where whole runs one after the
+  other would not. `pause_s` between blocks lets the previous side's spinning threads sleep.
+  """
+  if pairs < 1:
+    raise ValueError(f'need pairs >= 1; got {pairs}')
+  blocks: dict[str, list[list[float]]] = {name: [] for name, _ in sides}
+  for _ in range(pairs):
+    for name, time_block in sides:
+      time.sleep(pause_s)
+      blocks[name].append(time_block())
+  return blocks
+

@@ -73,6 +73,71 @@ def test_time_steps_syncs_every_call_and_times_only_the_timed_ones():
     timing.time_steps(lambda: None, warmup=0, steps=0, sync=lambda _: None)
 
 
+def test_alternate_runs_the_sides_in_rounds_each_block_its_own():
+  order = []
+  blocks = timing.alternate([('a', lambda: order.append('a') or [1.0, 3.0]),
+                             ('b', lambda: order.append('b') or [2.0])], pairs=3, pause_s=0)
+  assert order == ['a', 'b'] * 3
+  assert blocks == {'a': [[1.0, 3.0]] * 3, 'b': [[2.0]] * 3}
+  with pytest.raises(ValueError, match='pairs >= 1'):
+    timing.alternate([('a', lambda: [1.0])], pairs=0)
+
+
+def _start_fake_peer(tmp_path, mode, monkeypatch):
+  from benchmarks.peers import protocol
+  (tmp_path / 'mode').write_text(mode)
+  monkeypatch.setenv('PYTHONPATH', ROOT)
+  return protocol.PeerProcess('fake', 'fake_peer_worker', str(tmp_path), python=sys.executable,
+                              cwd=os.path.join(ROOT, 'tests'))
+
+
+def test_a_peer_process_times_blocks_on_request_and_reports_at_close(tmp_path, monkeypatch,
+                                                                     capfd):
+  with _start_fake_peer(tmp_path, 'ok', monkeypatch) as peer:
+    assert peer.ready['name'] == 'fake' and peer.ready['event'] == 'ready'
+    first, second = peer.time(warmup=2, steps=3), peer.time(warmup=0, steps=1)
+    assert len(first) == 3 and len(second) == 1 and all(t >= 0.002 for t in first + second)
+    assert peer.close()['calls'] == 6          # warm-up calls run, and are not timed
+  assert "a line of the worker's own output" in capfd.readouterr().out   # passed through
+
+
+@pytest.mark.parametrize('mode,when', [('crash', 'start'), ('die', 'time')])
+def test_a_peer_that_exits_fails_in_one_error_naming_it(tmp_path, monkeypatch, mode, when):
+  from benchmarks.peers import protocol
+  with pytest.raises(protocol.PeerFailed, match=r'the fake peer ended without a reply '
+                     r'\(exit status [13]\).*--peer none'):
+    with _start_fake_peer(tmp_path, mode, monkeypatch) as peer:
+      assert when == 'time'
+      peer.time(warmup=0, steps=1)
+
+
+def test_paired_record_reports_the_median_of_per_round_ratios(monkeypatch):
+  from benchmarks import train_step
+  monkeypatch.setattr(train_step, 'config_flags', _FakeConfigFlags)
+  config = benchmark.get_config('tiny')
+  mmfusion = {**train_step.block_figures([[2.0, 2.2, 1.0], [4.0], [1.0, 1.0]]),
+              'flops_per_step': 1e12, 'memory': {}}
+  peer = train_step.block_figures([[3.0], [4.4], [1.5]])
+  assert mmfusion['block_median_s'] == [2.0, 4.0, 1.0] and mmfusion['median_step_s'] == 2.0
+  rec = train_step.build_record(
+      config=config, label='x', date='d', commit='c', device={'device_count': 1},
+      device_summary='cpu', mmfusion=mmfusion, matmul={'per_device_flops_per_sec': 1e12},
+      datasheet_per_device=None, arithmetic='float32', peer=peer)
+  # Per round: 3.0/2.0, 4.4/4.0, 1.5/1.0 -> 1.5, 1.1, 1.5; the ratio of the overall medians
+  # (3.0 / 2.0) would hide that one round in three came out at 1.1.
+  assert rec['pair_ratios'] == pytest.approx([1.5, 1.1, 1.5])
+  assert rec['ratio_vs_peer'] == pytest.approx(1.5)
+  assert (rec['ratio_min'], rec['ratio_max']) == pytest.approx((1.1, 1.5))
+  assert rec['peer']['examples_per_sec'] == pytest.approx(config.batch_size / 3.0)
+  assert record._ratio_cell(rec) == '1.50 (3 rounds, 1.10-1.50)'
+
+
+class _FakeConfigFlags:
+  """build_record reads the --config flag's file name and overrides; a test has no flag."""
+  get_config_filename = staticmethod(lambda flag: 'configs/benchmark.py')
+  get_override_values = staticmethod(lambda flag: {})
+
+
 def test_datasheet_peaks_by_device_kind():
   assert flops.datasheet_peak('NVIDIA H100 80GB HBM3', 'bfloat16') == 989.4e12
   assert flops.datasheet_peak('NVIDIA H100 80GB HBM3', 'tfloat32') == 494.7e12
@@ -217,6 +282,8 @@ def test_open_clip_peer_imports_torch_lazily(monkeypatch):
   peer = importlib.import_module('benchmarks.peers.open_clip_step')
   with pytest.raises(ImportError, match=r"pip install -e '\.\[bench\]'"):
     peer.check_installed()
+  with pytest.raises(ImportError, match='--peer_python /no/such/python: cannot run it'):
+    peer.check_installed('/no/such/python')
 
 
 def test_open_clip_worker_imports_neither_jax_nor_tensorflow():
@@ -232,7 +299,7 @@ def test_open_clip_worker_imports_neither_jax_nor_tensorflow():
 def test_open_clip_spec_has_the_config_architecture():
   from benchmarks.peers import open_clip_step
   config = benchmark.get_config('b16')
-  spec = open_clip_step.spec(config, warmup=1, steps=2)
+  spec = open_clip_step.spec(config)
   assert spec['vision_cfg'] == dict(image_size=224, patch_size=16, width=768, layers=12,
                                     head_width=64, mlp_ratio=4.0, pool_type='tok')
   assert spec['text_cfg'] == dict(context_length=77, vocab_size=49408, width=512, heads=8,

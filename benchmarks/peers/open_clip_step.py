@@ -1,9 +1,10 @@
 """The open_clip peer: open_clip's `CLIP` with the architecture of an mmfusion config, trained with
 open_clip's own step on the same batch and precision (run by open_clip_worker.py, in a process
-of its own).
+of its own, which the benchmark alternates with mmfusion: protocol.py).
 
-torch and open_clip_torch are an optional dependency (`pip install -e '.[bench]'`); this
-module only checks that they are installed and never imports them. Precision: float32, or
+torch and open_clip_torch are an optional dependency (`pip install -e '.[bench]'`), or live in
+another interpreter's environment (`--peer_python`); this module only checks that they are
+installed and never imports them. Precision: float32, or
 for bfloat16 compute `torch.autocast(bfloat16)` over float32 params (open_clip's
 `--precision amp_bf16`); float32 matmuls run as TF32 on GPU, as JAX's default precision does
 there. Eager by default; `compile=True` wraps the model in `torch.compile`.
@@ -23,12 +24,13 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import Any
+from typing import Any, Sequence
 
 import ml_collections
 import numpy as np
 
 from benchmarks import environment
+from benchmarks.peers import protocol
 from mmfusion.data import tokenizer
 from mmfusion.models import layers
 
@@ -38,12 +40,33 @@ TEXT_POOLS = {'eos': 'eos', 'last': 'last'}
 PRECISIONS = {'float32': 'float32', 'bfloat16': 'amp_bf16'}
 
 
-def check_installed() -> None:
-  """One ImportError that says how to install the peer's packages, without importing them."""
-  missing = [name for name in ('torch', 'open_clip') if importlib.util.find_spec(name) is None]
+PACKAGES = ('torch', 'open_clip')
+
+
+def _missing(python: str) -> Sequence[str]:
+  # Not realpath: every virtual environment's python links to the same base interpreter.
+  if os.path.abspath(python) == os.path.abspath(sys.executable):
+    return [name for name in PACKAGES if importlib.util.find_spec(name) is None]
+  code = ('import importlib.util, json; '
+          f'print(json.dumps([n for n in {PACKAGES!r} if importlib.util.find_spec(n) is None]))')
+  try:
+    found = subprocess.run([python, '-c', code], capture_output=True, text=True, timeout=120)
+  except OSError as e:
+    raise ImportError(f'--peer_python {python}: cannot run it ({e}).') from None
+  if found.returncode != 0:
+    raise ImportError(f'--peer_python {python}: it failed to start: {found.stderr.strip()[-500:]}')
+  return json.loads(found.stdout)
+
+
+def check_installed(python: str = sys.executable) -> None:
+  """One ImportError that says how to install the peer's packages, without importing them
+  (in `python`, the interpreter the peer will run under)."""
+  missing = _missing(python)
   if missing:
+    where = '' if python == sys.executable else f' under {python}'
     raise ImportError(f'the open_clip peer needs torch and open_clip_torch ({", ".join(missing)} '
-                      f'not found). Install them with `{INSTALL_HINT}`, or pass --peer none.')
+                      f'not found{where}). Install them with `{INSTALL_HINT}`, point '
+                      '--peer_python at an interpreter that has them, or pass --peer none.')
 
 
 def _sizes(tower_config: ml_collections.ConfigDict) -> dict[str, int]:
@@ -53,8 +76,7 @@ def _sizes(tower_config: ml_collections.ConfigDict) -> dict[str, int]:
   return sizes
 
 
-def spec(config: ml_collections.ConfigDict, *, warmup: int | None = None,
-         steps: int | None = None, compile: bool = False) -> dict[str, Any]:
+def spec(config: ml_collections.ConfigDict, *, compile: bool = False) -> dict[str, Any]:
   """What the worker builds and runs, as JSON-able values; a ValueError naming the config key
   for anything open_clip's CLIP or this peer cannot express."""
   model = config.model
@@ -87,26 +109,19 @@ def spec(config: ml_collections.ConfigDict, *, warmup: int | None = None,
       'precision': PRECISIONS[model.dtype], 'optim': optim,
       'init_logit_scale': math.log(model.temperature_init),
       'max_log_scale': math.log(model.temperature_max),
-      'seed': config.seed, 'warmup': warmup, 'steps': steps, 'compile': compile,
+      'seed': config.seed, 'compile': compile,
   }
 
 
-def run(config: ml_collections.ConfigDict, batch_np: dict[str, np.ndarray], *,
-        warmup: int | None = None, steps: int | None = None,
-        compile: bool = False) -> dict[str, Any]:
-  """Times open_clip's step on `batch_np` in a child process; warmup/steps None: the defaults
-  for the device torch runs on. Returns the worker's result (timings, device, versions)."""
-  check_installed()
-  peer_spec = spec(config, warmup=warmup, steps=steps, compile=compile)
+def start(config: ml_collections.ConfigDict, batch_np: dict[str, np.ndarray], *,
+          python: str = sys.executable, compile: bool = False) -> protocol.PeerProcess:
+  """The open_clip worker, its step built on `batch_np` and ready to time blocks of steps."""
+  check_installed(python)
+  peer_spec = spec(config, compile=compile)
+  # The worker reads the spec and the batch while it builds; the files go once it is ready.
   with tempfile.TemporaryDirectory(prefix='mmfusion_open_clip_') as directory:
     with open(os.path.join(directory, 'spec.json'), 'w') as f:
       json.dump(peer_spec, f)
     np.savez(os.path.join(directory, 'batch.npz'), image=batch_np['image'], text=batch_np['text'])
-    # The worker's output goes straight to the terminal, so its errors are seen as they are.
-    done = subprocess.run([sys.executable, '-m', 'benchmarks.peers.open_clip_worker', directory],
-                          cwd=environment.REPO_ROOT)
-    if done.returncode != 0:
-      raise RuntimeError(f'the open_clip peer failed (exit status {done.returncode}); its output '
-                         'is above. Pass --peer none to benchmark mmfusion alone.')
-    with open(os.path.join(directory, 'result.json')) as f:
-      return json.load(f)
+    return protocol.PeerProcess('open_clip', 'benchmarks.peers.open_clip_worker', directory,
+                                python=python, cwd=environment.REPO_ROOT)

@@ -1,11 +1,12 @@
 """open_clip's training step, timed in a process of its own: `python -m benchmarks.peers.open_clip_worker
-DIR` reads DIR/spec.json and DIR/batch.npz (written by open_clip_step.run) and writes
-DIR/result.json.
+DIR` reads DIR/spec.json and DIR/batch.npz (written by open_clip_step.start), builds the step,
+then times blocks of steps on request (benchmarks/peers/protocol.py).
 
 A separate process because torch's import of triton registers LLVM command-line options that
 jaxlib has already registered in the same process, which aborts it ("Option ... registered
-more than once"); it also keeps each framework's GPU memory and host RSS its own. So this
-module imports neither JAX, TensorFlow nor mmfusion.
+more than once"); it also keeps each framework's GPU memory and host RSS its own, and lets the peer
+run under another interpreter (a virtual environment with torch and open_clip). So this module
+imports neither JAX, TensorFlow nor mmfusion.
 
 The step is open_clip's training loop with accumulation 1: zero_grad(set_to_none), forward
 under autocast (bfloat16 over float32 params, open_clip's `--precision amp_bf16`) or in
@@ -22,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import environment, timing
+from benchmarks import environment
+from benchmarks.peers import protocol
 
 INSTALL_HINT = "pip install -e '.[bench]'"
 
@@ -46,7 +48,9 @@ def _optimizer(torch, model, optim: dict[str, float]):
       lr=optim['lr'], betas=(optim['b1'], optim['b2']), eps=optim['eps'])
 
 
-def run(spec: dict[str, Any], batch: dict[str, np.ndarray]) -> dict[str, Any]:
+def build(spec: dict[str, Any], batch: dict[str, np.ndarray]):
+  """(step, sync, ready, info) for protocol.serve: open_clip's model, optimizer and step on
+  `batch`, on the GPU when torch sees one."""
   torch, open_clip = _import()
   use_cuda = torch.cuda.is_available()
   device = torch.device('cuda' if use_cuda else 'cpu')
@@ -85,26 +89,22 @@ def run(spec: dict[str, Any], batch: dict[str, np.ndarray]) -> dict[str, Any]:
       model.logit_scale.clamp_(0, max_log_scale)
     return loss
 
-  warmup, steps = spec['warmup'], spec['steps']
-  if warmup is None or steps is None:
-    default_warmup, default_steps = timing.default_counts('gpu' if use_cuda else 'cpu')
-    warmup = default_warmup if warmup is None else warmup
-    steps = default_steps if steps is None else steps
   sync = (lambda _: torch.cuda.synchronize()) if use_cuda else (lambda _: None)
-  seconds = timing.time_steps(step, warmup=warmup, steps=steps, sync=sync)
-  return {
+  ready = {
       'name': 'open_clip',
-      'step_seconds': seconds,
-      'median_step_s': timing.median(seconds),
-      'warmup': warmup,
+      'platform': 'gpu' if use_cuda else 'cpu',
       'device': torch.cuda.get_device_name(device) if use_cuda
                 else f'cpu ({torch.get_num_threads()} threads)',
       'precision': spec['precision'],
       'compiled': spec['compile'],
       'params': sum(p.numel() for p in model.parameters()),
       'versions': {'torch': torch.__version__, 'open_clip': open_clip.__version__},
-      'device_peak_bytes': torch.cuda.max_memory_allocated(device) if use_cuda else None,
   }
+
+  def info():
+    return {'device_peak_bytes': torch.cuda.max_memory_allocated(device) if use_cuda else None}
+
+  return step, sync, ready, info
 
 
 def main(argv: list[str]) -> None:
@@ -115,9 +115,7 @@ def main(argv: list[str]) -> None:
     spec = json.load(f)
   with np.load(os.path.join(directory, 'batch.npz')) as data:
     batch = {k: data[k] for k in data.files}
-  result = run(spec, batch)
-  with open(os.path.join(directory, 'result.json'), 'w') as f:
-    json.dump(result, f)
+  protocol.serve(*build(spec, batch))
 
 
 if __name__ == '__main__':

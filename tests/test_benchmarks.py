@@ -366,3 +366,38 @@ def test_accumulation_memory_benchmark_records_smaller_temporaries_per_micro_bat
            if l.startswith('| ')]
   assert table[0].startswith('| Date (UTC) | Machine | Commit | Config | Global batch |')
   assert len(table) == 4 and table[3].split(' | ')[5:7] == ['4', '4']
+
+
+def test_gpu_checks_without_tensorflow_compare_bf16_with_float32_and_name_the_attention(tmp_path):
+  json_out = tmp_path / 'checks.json'
+  cmd = [sys.executable, '-c', WITHOUT_TENSORFLOW, 'benchmarks.gpu_checks',
+         '--config', 'configs/benchmark.py:tiny,depth=1,batch=8',
+         '--config.data.image_size=16', '--config.tokenizer.max_len=8',
+         '--checks', 'cudnn,bf16', '--steps', '3', '--check_batch', '8', f'--json_out={json_out}']
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES='', TF_CPP_MIN_LOG_LEVEL='2')
+  run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  rec = json.loads(json_out.read_text())
+  # On a CPU, 'auto' resolves to XLA's attention: no cuDNN call may appear.
+  assert rec['cudnn'] == {'attention_impls': ['xla'], 'cudnn_custom_calls': [],
+                          'cudnn_taken': False}
+  bf16 = rec['bf16']
+  assert len(bf16['losses']['float32']) == len(bf16['losses']['bfloat16']) == 3
+  assert bf16['losses']['float32'] != bf16['losses']['bfloat16']      # really two precisions
+  assert 0 < bf16['max_rel_diff'] <= bf16['rtol'] and bf16['within_rtol']
+
+
+def test_the_largest_batch_search_finds_the_last_batch_whose_plan_fits(monkeypatch):
+  from benchmarks import accumulation_memory, gpu_checks
+  gib = 2**30
+  per_example = {'none': 0.010 * gib, 'save_dots': 0.006 * gib, 'full': 0.002 * gib}
+
+  def plan(config, accum_steps, batch):   # params + optimizer state, then linear in the batch
+    return {'total': int(2 * gib + per_example[config.model.remat] * batch)}, 0.0
+
+  monkeypatch.setattr(accumulation_memory, 'plan', plan)
+  found = gpu_checks.check_max_batch(benchmark.get_config('tiny,batch=64'), limit=80 * gib)
+  for remat, row in found.items():
+    exact = (80 - 2) * gib / per_example[remat]           # where the plan meets the memory
+    assert row['max_batch'] % 8 == 0
+    assert 0.95 * exact <= row['max_batch'] <= exact, (remat, row)

@@ -25,17 +25,6 @@ from ml_collections import config_flags  # noqa: E402
 
 from mmfusion import cli  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Benchmark config (configs/benchmark.py:b16).')
-_CHECKS = flags.DEFINE_list('checks', ['cudnn', 'bf16', 'max_batch'], 'Which checks to run.')
-_STEPS = flags.DEFINE_integer('steps', 20, 'Training steps compared in bf16 and float32.')
-_CHECK_BATCH = flags.DEFINE_integer('check_batch', 64, 'Batch of the bf16 / float32 comparison.')
-_BF16_RTOL = flags.DEFINE_float('bf16_rtol', 0.02, 'Largest relative loss difference allowed.')
-_MEMORY_GIB = flags.DEFINE_float('memory_gib', 0.0, 'Device memory when the device gives none '
-                                 '(a dry run on CPU).')
-_JSON_OUT = flags.DEFINE_string('json_out', '', 'Where the JSON record goes (default '
-                                'benchmarks/results/<date>_gpu_checks.json).')
-flags.mark_flags_as_required(['config'])
-
 REMAT_POLICIES = ('none', 'save_dots', 'full')
 CUDNN_ATTENTION = re.compile(r'__cudnn\$fmha\w*')
 
@@ -141,33 +130,52 @@ def check_max_batch(config, limit: int, probes: int = 5) -> dict:
   return out
 
 
-def main():
+def _define_flags():
+  """The command line, defined only when run as a program: the checks above are importable
+  next to other programs' flags (a test imports both this and train_step)."""
+  return dict(
+      config=config_flags.DEFINE_config_file('config', None, 'Benchmark config (configs/benchmark.py:b16).'),
+      checks=flags.DEFINE_list('checks', ['cudnn', 'bf16', 'max_batch'], 'Which checks to run.'),
+      steps=flags.DEFINE_integer('steps', 20, 'Training steps compared in bf16 and float32.'),
+      check_batch=flags.DEFINE_integer('check_batch', 64, 'Batch of the bf16 / float32 comparison.'),
+      bf16_rtol=flags.DEFINE_float('bf16_rtol', 0.02, 'Largest relative loss difference allowed.'),
+      memory_gib=flags.DEFINE_float('memory_gib', 0.0, 'Device memory when the device gives none '
+                                    '(a dry run on CPU).'),
+      json_out=flags.DEFINE_string('json_out', '', 'Where the JSON record goes (default '
+                                   'benchmarks/results/<date>_gpu_checks.json).'))
+
+
+def main(args):
   import jax
 
   from benchmarks import environment, record
-  config = _CONFIG.value
+  config = args['config'].value
+  checks = args['checks'].value
   rec = {'date': environment.utc_now(), 'commit': environment.git_commit(),
          'device': environment.device_description(),
          'config': record.config_label(flags.FLAGS['config'])}
-  unknown = sorted(set(_CHECKS.value) - {'cudnn', 'bf16', 'max_batch'})
+  unknown = sorted(set(checks) - {'cudnn', 'bf16', 'max_batch'})
   if unknown:
     raise ValueError(f'--checks: unknown {unknown}; known: cudnn, bf16, max_batch')
-  if 'cudnn' in _CHECKS.value:
+  if 'cudnn' in checks:
     rec['cudnn'] = check_cudnn(config)
     print(f"[gpu_checks] cuDNN attention: {rec['cudnn']}", flush=True)
-  if 'bf16' in _CHECKS.value:
-    rec['bf16'] = check_bf16(config, _STEPS.value, _CHECK_BATCH.value, _BF16_RTOL.value)
-    print(f"[gpu_checks] bf16 vs float32 over {_STEPS.value} steps: max relative loss "
-          f"difference {rec['bf16']['max_rel_diff']:.3g} (rtol {_BF16_RTOL.value})", flush=True)
-  if 'max_batch' in _CHECKS.value:
-    limit, source = device_memory_bytes(_MEMORY_GIB.value)
+  if 'bf16' in checks:
+    rec['bf16'] = check_bf16(config, args['steps'].value, args['check_batch'].value,
+                             args['bf16_rtol'].value)
+    print(f"[gpu_checks] bf16 vs float32 over {rec['bf16']['steps']} steps: max relative loss "
+          f"difference {rec['bf16']['max_rel_diff']:.3g} (rtol {rec['bf16']['rtol']})", flush=True)
+  if 'max_batch' in checks:
+    limit, source = device_memory_bytes(args['memory_gib'].value)
     rec['memory_limit_bytes'], rec['memory_limit_source'] = limit, source
     rec['max_batch'] = check_max_batch(config, limit)
-  path = _JSON_OUT.value or os.path.join(
+  path = args['json_out'].value or os.path.join(
       record.RESULTS_DIR, re.sub(r'[-:]', '', rec['date'][:19]) + 'Z_gpu_checks.json')
   record.write_json(rec, path)
   print(f'[gpu_checks] record: {path} ({jax.devices()[0].device_kind})')
 
 
 if __name__ == '__main__':
-  cli.run(main, program='benchmarks.gpu_checks')
+  _ARGS = _define_flags()
+  flags.mark_flags_as_required(['config'])
+  cli.run(lambda: main(_ARGS), program='benchmarks.gpu_checks')

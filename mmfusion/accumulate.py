@@ -13,7 +13,7 @@ at the towers (GradCache, Gao et al. 2021, generalised from embeddings to every 
   3. each micro-batch through its towers again, back-propagating that slice of the gradient.
 
 Only the tower outputs that step 2 reads are kept and back-propagated: under CLIP's loss the
-towers' token outputs are never computed, as without accumulation (see layers.Encoder).
+towers' token outputs are never computed, as without accumulation (see encoder.Encoder).
 The loss, the metrics and the gradient are those of the whole batch, up to float summation
 order; the memory of the towers' activations is that of one micro-batch. Heads that run a tower
 themselves (MLM on masked text, VQA on the question) do so in step 2, on the whole batch.

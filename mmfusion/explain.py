@@ -19,7 +19,7 @@ ITM head's match log-odds through the fusion module (every method; gradcam needs
 
 The attention weights come from the model itself, built with `sow_attention=True`: every
 MultiHeadAttention sows its weights into 'intermediates' and takes a zero 'perturbations' entry
-whose gradient is the gradient w.r.t. the weights (mmfusion/models/layers.py). No attention code
+whose gradient is the gradient w.r.t. the weights (mmfusion/models/attention.py). No attention code
 is copied here. Heat-maps are over the explained modality's tokens, folded to its grid: the
 image's (H/P, W/P) patches, or the spectrogram's (time, frequency) patches.
 """

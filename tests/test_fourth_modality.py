@@ -23,6 +23,7 @@ from mmfusion.data import ops
 from mmfusion.data import shapes
 from mmfusion.models import layers
 from mmfusion.models import towers
+from mmfusion.models.encoder import Encoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SENSOR_DIM = 16
@@ -43,7 +44,7 @@ class SensorTower(nn.Module):
     x_bnw = nn.Dense(self.stack.width, name='embed')(x_bnc)
     pos_nw = self.param('pos_embedding', nn.initializers.normal(0.02),
                         (self.chunks, self.stack.width))
-    x_bnw = layers.Encoder(self.stack, name='encoder')(x_bnw + pos_nw, None, not train)
+    x_bnw = Encoder(self.stack, name='encoder')(x_bnw + pos_nw, None, not train)
     pooled_bw = jnp.mean(x_bnw, axis=1)
     return towers.Encoded(tokens=x_bnw, mask=jnp.ones((batch, self.chunks), bool),
                           pooled=pooled_bw,

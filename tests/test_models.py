@@ -20,6 +20,8 @@ from mmfusion.models import model as model_lib
 from mmfusion.models import text as text_lib
 from mmfusion.models import towers
 from mmfusion.models import vit
+from mmfusion.models.attention import MultiHeadAttention
+from mmfusion.models.encoder import Encoder
 
 B, IMG, PATCH, L, VOCAB, D, W = 2, 16, 4, 6, 32, 8, 16
 TINY = dict(width=W, depth=1, mlp_dim=32, num_heads=2)
@@ -101,7 +103,7 @@ def test_eos_pool_takes_last_real_token():
   batch = make_batch(lengths=(3, 6))
   variables = tower.init(jax.random.key(0), batch['text'], batch['text_mask'])
   tokens, _, pooled, _ = tower.apply(variables, batch['text'], batch['text_mask'])
-  # The pooled token is computed apart in the last block (layers.Encoder): equal up to the
+  # The pooled token is computed apart in the last block (encoder.Encoder): equal up to the
   # order of float32 sums.
   np.testing.assert_allclose(pooled[0], tokens[0, 2], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(pooled[1], tokens[1, 5], rtol=1e-5, atol=1e-6)
@@ -176,7 +178,7 @@ def test_explicit_attention_matches_numpy_and_xla(causal):
   mask[0, 0, 2, :] = False  # ... except this one, which may attend to nothing
   mask = jnp.asarray(mask)
 
-  explicit = layers.MultiHeadAttention(
+  explicit = MultiHeadAttention(
       STACK.replace(attention_impl='explicit', sow_weights=True), causal=causal)
   variables = explicit.init(jax.random.key(0), x, mask=mask)
   out, state = explicit.apply(variables, x, mask=mask, mutable=['intermediates'])
@@ -191,7 +193,7 @@ def test_explicit_attention_matches_numpy_and_xla(causal):
   np.testing.assert_allclose(out, want_out, atol=1e-5)
   assert np.all(np.isfinite(out))
 
-  xla = layers.MultiHeadAttention(STACK.replace(attention_impl='xla'), causal=causal)
+  xla = MultiHeadAttention(STACK.replace(attention_impl='xla'), causal=causal)
   np.testing.assert_allclose(xla.apply(variables, x, mask=mask), out, atol=1e-5)
 
 
@@ -201,7 +203,7 @@ def test_cross_attention_with_key_padding_mask(impl):
   x_q = jnp.asarray(rng.normal(size=(B, 3, W)), jnp.float32)
   x_kv = jnp.asarray(rng.normal(size=(B, 7, W)), jnp.float32)
   key_mask_b11k = jnp.asarray(np.arange(7)[None] < np.array([[4], [7]]))[:, None, None, :]
-  attn = layers.MultiHeadAttention(STACK.replace(num_heads=4, attention_impl=impl))
+  attn = MultiHeadAttention(STACK.replace(num_heads=4, attention_impl=impl))
   variables = attn.init(jax.random.key(0), x_q, x_kv, key_mask_b11k)
   out = attn.apply(variables, x_q, x_kv, key_mask_b11k)
   assert out.shape == (B, 3, W)
@@ -226,8 +228,8 @@ def test_build_with_sow_attention_collects_weights():
 
 def test_remat_keeps_params_and_outputs():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(B, 4, W)), jnp.float32)
-  plain = layers.Encoder(STACK.replace(depth=2))
-  remat = layers.Encoder(STACK.replace(depth=2, remat='full'))
+  plain = Encoder(STACK.replace(depth=2))
+  remat = Encoder(STACK.replace(depth=2, remat='full'))
   variables = plain.init(jax.random.key(0), x)
   assert (jax.tree_util.tree_structure(jax.eval_shape(remat.init, jax.random.key(0), x))
           == jax.tree_util.tree_structure(variables))
@@ -567,7 +569,7 @@ def test_remat_saves_what_the_policy_names():
   """The backward pass of a 'named' block keeps exactly the tagged activations as residuals."""
   x = jnp.ones((2, 5, W))
   def residual_names(remat, save):
-    block = layers.Encoder(STACK.replace(remat=remat, remat_save=save))
+    block = Encoder(STACK.replace(remat=remat, remat_save=save))
     params = params_of(block.init(jax.random.key(0), x))
     f = lambda p: jnp.sum(block.apply({'params': p}, x))
     out = io.StringIO()

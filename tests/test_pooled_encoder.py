@@ -1,4 +1,4 @@
-"""layers.Encoder with `pool_at`: the pooled token computed apart in the last block must be the
+"""encoder.Encoder with `pool_at`: the pooled token computed apart in the last block must be the
 token the full stack computes there (values and gradients), and a loss that reads only it must
 leave the other tokens' work in that block out of the compiled step (XLA's FLOP count)."""
 from __future__ import annotations
@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from mmfusion.models import layers
+from mmfusion.models.attention import take_tokens
+from mmfusion.models.encoder import Encoder
 
 B, L, W, M, H = 3, 7, 16, 48, 2
 STACK = layers.StackOptions(width=W, depth=2, mlp_dim=M, num_heads=H)
@@ -25,13 +27,13 @@ def _inputs(seed=0):
 def _reference(encoder, variables, x, mask, pool_at):
   """The pooled token read off the whole stack's output (no pool_at), as towers did before."""
   tokens = encoder.apply(variables, x, mask)
-  return tokens, layers.take_tokens(tokens, pool_at)[:, 0]
+  return tokens, take_tokens(tokens, pool_at)[:, 0]
 
 
 @pytest.mark.parametrize('causal,masked', [(True, True), (False, True), (False, False)])
 @pytest.mark.parametrize('depth', [1, 2])
 def test_the_pooled_token_apart_is_the_stacks_token_in_value_and_gradient(causal, masked, depth):
-  encoder = layers.Encoder(STACK.replace(depth=depth), causal=causal)
+  encoder = Encoder(STACK.replace(depth=depth), causal=causal)
   x, mask, pool_at = _inputs()
   mask = mask if masked else None
   variables = encoder.init(jax.random.key(0), x, mask)
@@ -57,7 +59,7 @@ def test_the_pooled_token_apart_is_the_stacks_token_in_value_and_gradient(causal
 def test_a_query_with_no_key_pools_to_what_the_stack_gives_it():
   # Non-causal, example 2 pooled at a padded position whose keys are all masked... and an
   # example whose every key is padding: both sides give the attention output exactly zero.
-  encoder = layers.Encoder(STACK.replace(depth=1), causal=False)
+  encoder = Encoder(STACK.replace(depth=1), causal=False)
   x, _, _ = _inputs()
   mask = jnp.asarray(np.array([[1, 1, 0, 0, 0, 0, 0], [0] * 7, [1] * 7], bool))[:, None, None, :]
   pool_at = jnp.asarray([5, 3, 0], jnp.int32)
@@ -72,13 +74,13 @@ def test_a_query_with_no_key_pools_to_what_the_stack_gives_it():
                                            (dict(attention_impl='explicit', sow_weights=True), False),
                                            (dict(dropout=0.1), True)])
 def test_scan_recorded_weights_and_dropout_read_the_pooled_token_off_the_tokens(changes, train):
-  encoder = layers.Encoder(STACK.replace(**changes), causal=True)
+  encoder = Encoder(STACK.replace(**changes), causal=True)
   x, mask, pool_at = _inputs()
   variables = encoder.init(jax.random.key(0), x, mask)
   (tokens, pooled), _ = encoder.apply(variables, x, mask, not train, pool_at,
                                       rngs={'dropout': jax.random.key(1)},
                                       mutable=['intermediates'])
-  np.testing.assert_array_equal(pooled, layers.take_tokens(tokens, pool_at)[:, 0])
+  np.testing.assert_array_equal(pooled, take_tokens(tokens, pool_at)[:, 0])
 
 
 def _flops(fn, *args):
@@ -87,7 +89,7 @@ def _flops(fn, *args):
 
 def test_a_loss_reading_only_the_pooled_token_skips_the_other_tokens_in_the_last_block():
   b, length, w, m = 2, 16, 64, 256    # wide enough that the matmuls dominate
-  encoder = layers.Encoder(layers.StackOptions(width=w, depth=1, mlp_dim=m, num_heads=2),
+  encoder = Encoder(layers.StackOptions(width=w, depth=1, mlp_dim=m, num_heads=2),
                            causal=True)
   x = jnp.ones((b, length, w), jnp.float32)
   mask = jnp.ones((b, 1, 1, length), bool)

@@ -15,6 +15,7 @@ from mmfusion.models import frontend as frontend_lib
 from mmfusion.models import layers
 from mmfusion.models import towers
 from mmfusion.models import vit
+from mmfusion.models.encoder import Encoder
 
 Array = jax.Array
 
@@ -127,10 +128,10 @@ class AudioTransformer(nn.Module):
 
     x_bnw = nn.Dropout(stack.dropout)(x_bnw, not train)
     # Key-padding mask [B,1,1,N]: no query, real or padded, attends to a padded patch.
-    encoder = layers.Encoder(stack, name='encoder')
+    encoder = Encoder(stack, name='encoder')
     key_mask_b11n = key_mask_bn[:, None, None, :]
     if self.pool == 'cls':
-      # The cls token comes out of the encoder on its own (layers.Encoder: a loss reading only
+      # The cls token comes out of the encoder on its own (encoder.Encoder: a loss reading only
       # the pooled vector then skips the patches in the last block).
       x_bnw, pooled_bw = encoder(x_bnw, key_mask_b11n, not train, jnp.zeros((batch,), jnp.int32))
       x_bnw = x_bnw[:, 1:]

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from mmfusion.models import layers
+from mmfusion.models.attention import MultiHeadAttention, explicit_attention
 from mmfusion.vocab import BOS_ID, EOS_ID, PAD_ID
 
 Array = jax.Array
@@ -31,7 +32,7 @@ CONTEXT_CACHE = ('context_key', 'context_value')
 
 
 class StepAttention(nn.Module):
-  """One decoding step of layers.MultiHeadAttention, against a key/value cache.
+  """One decoding step of attention.MultiHeadAttention, against a key/value cache.
 
   It declares exactly MultiHeadAttention's params (query, key without bias, value, out), so a
   decoder trained with MultiHeadAttention decodes with this module under the same name.
@@ -67,7 +68,7 @@ class StepAttention(nn.Module):
     if self.cross:
       k_bnhd, v_bnhd = self._context_kv(key, value, context_bnw)
       mask = None if context_mask_bn is None else context_mask_bn[:, None, None, :]
-      out_b1hd = layers.explicit_attention(q_b1hd, k_bnhd, v_bnhd, mask)[0]
+      out_b1hd = explicit_attention(q_b1hd, k_bnhd, v_bnhd, mask)[0]
     else:
       k_b1hd = layers.constrain(key(x_b1w), bqhd)
       v_b1hd = layers.constrain(value(x_b1w), bqhd)
@@ -83,9 +84,9 @@ class StepAttention(nn.Module):
         v_blhd = layers.constrain(cached_value.value, bqhd)
         # The causal mask of a single query: positions written so far, this one included.
         mask_111l = (jnp.arange(self.max_len) <= index)[None, None, None, :]
-        out_b1hd = layers.explicit_attention(q_b1hd, k_blhd, v_blhd, mask_111l)[0]
+        out_b1hd = explicit_attention(q_b1hd, k_blhd, v_blhd, mask_111l)[0]
       else:
-        out_b1hd = layers.explicit_attention(q_b1hd, k_b1hd, v_b1hd, None)[0]   # the cache's first step
+        out_b1hd = explicit_attention(q_b1hd, k_b1hd, v_b1hd, None)[0]   # the cache's first step
 
     out_b1w = layers.HeadsDense(
         kernel_shape=(num_heads, head_dim, width), kernel_axes=('heads', 'kv', 'embed'),
@@ -108,7 +109,7 @@ class StepAttention(nn.Module):
 class DecoderBlock(nn.Module):
   """Pre-LN: x + self_attn(LN(x)) (causal), x + cross_attn(LN(x), context), x + mlp(LN(x)).
 
-  On whole sequences both attentions are layers.MultiHeadAttention; with `decode` they are
+  On whole sequences both attentions are attention.MultiHeadAttention; with `decode` they are
   StepAttention over the same params.
   """
   stack: layers.StackOptions
@@ -127,7 +128,7 @@ class DecoderBlock(nn.Module):
     if decode:
       y = StepAttention(stack, max_len=self.max_len, name='self_attn')(y, index)
     else:
-      y = layers.MultiHeadAttention(stack, causal=True, name='self_attn')(y)
+      y = MultiHeadAttention(stack, causal=True, name='self_attn')(y)
     x_blw = x_blw + drop(y)
 
     y = ln('ln_cross')(x_blw)
@@ -136,7 +137,7 @@ class DecoderBlock(nn.Module):
                                                               context_mask_bn)
     else:
       mask = None if context_mask_bn is None else context_mask_bn[:, None, None, :]
-      y = layers.MultiHeadAttention(stack, name='cross_attn')(y, context_bnw, mask=mask)
+      y = MultiHeadAttention(stack, name='cross_attn')(y, context_bnw, mask=mask)
     x_blw = x_blw + drop(y)
 
     y = ln('ln_mlp')(x_blw)

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from mmfusion.models import layers
+from mmfusion.models.attention import MultiHeadAttention
 
 Array = jax.Array
 Dtype = Any
@@ -118,7 +119,7 @@ def build(fusion_config: Mapping[str, Any], stack_of) -> Fusion | None:
 
 class FusionBlock(nn.Module):
   """Pre-LN block: x + self_attn(LN x), then (cross=True) x + cross_attn(LN x, LN context),
-  then x + mlp(LN x); dropout on each branch as in layers.EncoderBlock.
+  then x + mlp(LN x); dropout on each branch as in encoder.EncoderBlock.
 
   mask_bn / context_mask_bm are key masks (True = real token): no query ever attends to a
   False key. The context gets its own LayerNorm ('ln_context') because it may be another
@@ -134,7 +135,7 @@ class FusionBlock(nn.Module):
                context_mask_bm: Array | None = None, deterministic: bool = True) -> Array:
     stack = self.stack
     norm = functools.partial(layers.stack_norm, stack)
-    attention = functools.partial(layers.MultiHeadAttention, stack)
+    attention = functools.partial(MultiHeadAttention, stack)
     residual = lambda x, y: layers.constrain(
         x + nn.Dropout(stack.dropout)(y, deterministic), BLE)
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmfusion.models.layers import SCANNED_BLOCKS
+from mmfusion.models.encoder import SCANNED_BLOCKS
 
 
 def _is_unrolled(tree: Any) -> bool:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from mmfusion.models import layers
 from mmfusion.models import towers
+from mmfusion.models.encoder import Encoder
 
 Array = jax.Array
 
@@ -84,7 +85,7 @@ class TextEncoder(nn.Module):
 
     x_blw = nn.Dropout(stack.dropout)(x_blw, not train)
     # Key-padding mask [B,1,1,L]; the causal triangle is added inside the attention.
-    encoder = layers.Encoder(stack, causal=self.causal, name='encoder')
+    encoder = Encoder(stack, causal=self.causal, name='encoder')
     key_mask_b11l = key_mask_bl[:, None, None, :]
     if self.pool == 'gap':  # mean over real tokens; an all-padding row pools to zeros, not NaN.
       x_blw = encoder(x_blw, key_mask_b11l, not train)

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 
 from mmfusion.models import layers
 from mmfusion.models import towers
+from mmfusion.models.attention import MultiHeadAttention
+from mmfusion.models.encoder import Encoder
 
 Array = jax.Array
 
@@ -29,7 +31,7 @@ class MAPHead(nn.Module):
         (1, 1, width), stack.param_dtype)
     probe_b1w = jnp.tile(probe_11w.astype(stack.dtype), (batch, 1, 1))
     key_mask = None if mask_bn is None else mask_bn[:, None, None, :]
-    x_b1w = layers.MultiHeadAttention(stack, name='attn')(probe_b1w, x_bnw, mask=key_mask)
+    x_b1w = MultiHeadAttention(stack, name='attn')(probe_b1w, x_bnw, mask=key_mask)
     y_b1w = layers.stack_norm(stack, 'ln')(x_b1w)
     x_b1w = x_b1w + layers.MlpBlock(stack, name='mlp')(y_b1w)
     return x_b1w[:, 0]
@@ -97,10 +99,10 @@ class ViT(nn.Module):
     if self.pre_norm:
       x_bnw = layers.stack_norm(stack, 'pre_norm')(x_bnw)
     x_bnw = nn.Dropout(stack.dropout)(x_bnw, not train)
-    encoder = layers.Encoder(stack, name='encoder')
+    encoder = Encoder(stack, name='encoder')
     if self.pool == 'cls':
       # The cls token comes out of the encoder on its own (computed apart in the last block,
-      # which a loss reading only the pooled vector then skips for the patches: layers.Encoder).
+      # which a loss reading only the pooled vector then skips for the patches: encoder.Encoder).
       x_bnw, pooled_bw = encoder(x_bnw, None, not train, jnp.zeros((batch,), jnp.int32))
       tokens_bnw = x_bnw[:, 1:]
     elif self.pool == 'gap':

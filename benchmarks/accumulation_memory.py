@@ -40,11 +40,7 @@ def plan(config, accum_steps: int, batch: int) -> tuple[dict[str, int], float]:
   from benchmarks import mmfusion_step
   from mmfusion import config as config_lib
   from mmfusion import sharding, train
-  config = config.copy_and_resolve_references()
-  config.unlock()
-  config.batch_size = batch
-  config.accum_steps = accum_steps
-  config.lock()
+  config = mmfusion_step.config_with(config, {'batch_size': batch, 'accum_steps': accum_steps})
   config_lib.validate(config, num_devices=jax.device_count())
   program = train.TrainProgram(config, config.tokenizer.vocab_size,
                                sharding.make_mesh(config.mesh))

@@ -29,20 +29,6 @@ REMAT_POLICIES = ('none', 'save_dots', 'full')
 CUDNN_ATTENTION = re.compile(r'__cudnn\$fmha\w*')
 
 
-def _with(config, **changes):
-  """A copy of the locked config with `changes` (dotted keys)."""
-  config = config.copy_and_resolve_references()
-  config.unlock()
-  for key, value in changes.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for name in parents:
-      node = node[name]
-    node[leaf] = value
-  config.lock()
-  return config
-
-
 def _program(config):
   from mmfusion import sharding, train
   return train.TrainProgram(config, config.tokenizer.vocab_size, sharding.make_mesh(config.mesh))
@@ -65,11 +51,11 @@ def check_bf16(config, steps: int, batch: int, rtol: float) -> dict:
   import jax
   import numpy as np
 
-  from benchmarks import synthetic
+  from benchmarks import mmfusion_step, synthetic
 
   losses = {}
   for dtype in ('float32', 'bfloat16'):
-    run_config = _with(config, **{'model.dtype': dtype, 'batch_size': batch})
+    run_config = mmfusion_step.config_with(config, {'model.dtype': dtype, 'batch_size': batch})
     program = _program(run_config)
     precision = 'highest' if dtype == 'float32' else 'default'
     with jax.default_matmul_precision(precision):
@@ -100,11 +86,11 @@ def check_max_batch(config, limit: int, probes: int = 5) -> dict:
   """Per remat policy: XLA's plans at the probed batches and the largest probed batch that
   fits. Probes follow the secant through the last two plans (plans grow about linearly in the
   batch), aimed at 97% of `limit`, in multiples of 8."""
-  from benchmarks import accumulation_memory
+  from benchmarks import accumulation_memory, mmfusion_step
   target = 0.97 * limit
   out = {}
   for remat in REMAT_POLICIES:
-    policy_config = _with(config, **{'model.remat': remat})
+    policy_config = mmfusion_step.config_with(config, {'model.remat': remat})
     plans = {}
 
     def probe(batch):

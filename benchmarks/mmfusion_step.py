@@ -4,7 +4,7 @@ of time, timed on a synthetic batch, with its model FLOPs and memory.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import ml_collections
@@ -24,7 +24,7 @@ def flops_reference(config: ml_collections.ConfigDict,
 
   Model FLOPs are the maths one step needs: without remat's recomputation, and without work
   whose result no loss reads (which XLA drops from the unrolled step: the towers' last blocks
-  compute only the pooled token under CLIP's loss, layers.Encoder). XLA's cost analysis
+  compute only the pooled token under CLIP's loss, encoder.Encoder). XLA's cost analysis
   counts a scanned (while-loop) body once instead of once per layer, counts remat's
   recomputation, and gives a fused attention kernel (cuDNN custom call) no FLOPs; so the
   reference is the same config unrolled, without remat, with XLA's attention. None of these
@@ -39,10 +39,28 @@ def flops_reference(config: ml_collections.ConfigDict,
   stacks = [t.stack for t in program.model.towers.values() if hasattr(t, 'stack')]
   if any(s.attention_impl not in ('xla', 'explicit') for s in stacks):
     changes['attention'] = 'xla'
-  reference = ml_collections.ConfigDict(config.to_dict())
-  reference.model.update(changes)
-  reference.lock()
+  reference = config_with(config, {f'model.{key}': value for key, value in changes.items()})
   return reference, [f'{key}={value}' for key, value in changes.items()]
+
+
+def config_with(config: ml_collections.ConfigDict,
+                changes: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A locked copy of `config` with `changes` ({'model.remat': 'full', 'batch_size': 64}: dotted
+  keys, each of which must exist); `config` itself is left as it was."""
+  config = config.copy_and_resolve_references()
+  config.unlock()
+  for key, value in changes.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for name in parents:
+      node = node.get(name)
+      if not isinstance(node, ml_collections.ConfigDict):
+        raise KeyError(f'config has no {key!r} to change')
+    if leaf not in node:
+      raise KeyError(f'config has no {key!r} to change')
+    node[leaf] = value
+  config.lock()
+  return config
 
 
 def abstract_batch(program: train.TrainProgram, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:

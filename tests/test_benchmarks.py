@@ -34,7 +34,7 @@ def _analytic_train_flops(config):
   MLP (2 W M), and attention scores + weighted sum (2 N W MACs; XLA computes the full N x N
   under a causal mask too); plus the patch embedding, both projections and the B x B logits.
   In the last layer CLIP's loss reads only the pooled token: every token's keys and values
-  (2 W^2), and the rest for that one token (layers.Encoder)."""
+  (2 W^2), and the rest for that one token (encoder.Encoder)."""
   batch, embed = config.batch_size, config.model.embed_dim
   size, patch = config.data.image_size, config.model.towers.image.patch_size
   patches = (size // patch) ** 2
@@ -61,6 +61,19 @@ def test_model_flops_match_a_hand_count(arg):
   assert step_flops == pytest.approx(_analytic_train_flops(config), rel=0.05)
   if 'scan' in arg:   # XLA counts a scanned body once: the figure must come from the unrolled step
     assert 'scan_layers=False' in source and 'remat=none' in source
+
+
+def test_config_with_changes_a_locked_copy_and_names_a_key_it_lacks():
+  config = benchmark.get_config('tiny')
+  config.lock()
+  changed = mmfusion_step.config_with(config, {'model.remat': 'full', 'batch_size': 8})
+  assert (changed.model.remat, changed.batch_size) == ('full', 8)
+  assert (config.model.remat, config.batch_size) == ('none', benchmark.get_config('tiny').batch_size)
+  with pytest.raises(AttributeError):   # locked, as the config it came from
+    changed.model.no_such_field = 1
+  for key in ('model.no_such_field', 'no_such_group.remat', 'batch_size.x'):
+    with pytest.raises(KeyError, match=repr(key)):
+      mmfusion_step.config_with(config, {key: 1})
 
 
 def test_time_steps_syncs_every_call_and_times_only_the_timed_ones():
@@ -94,7 +107,7 @@ def _start_fake_peer(tmp_path, mode, monkeypatch):
 def test_a_peer_process_times_blocks_on_request_and_reports_at_close(tmp_path, monkeypatch,
                                                                      capfd):
   with _start_fake_peer(tmp_path, 'ok', monkeypatch) as peer:
-    assert peer.ready['name'] == 'fake' and peer.ready['event'] == 'ready'
+    assert peer.ready['name'] == 'fake' and 'event' not in peer.ready
     first, second = peer.time(warmup=2, steps=3), peer.time(warmup=0, steps=1)
     assert len(first) == 3 and len(second) == 1 and all(t >= 0.002 for t in first + second)
     assert peer.close()['calls'] == 6          # warm-up calls run, and are not timed

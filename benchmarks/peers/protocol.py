@@ -74,9 +74,10 @@ class PeerProcess:
         sys.stdout.write(line)
         continue
       message = json.loads(line[len(MARKER):])
-      if message.get('event') != event:
-        self._fail(f'expected {event!r}, got {message!r}')
-      return message
+      got = message.pop('event', None)
+      if got != event:
+        self._fail(f'expected {event!r}, got {got!r} {message!r}')
+      return message   # the event's figures, without the protocol's 'event' key
     self._fail('ended without a reply')
 
   def _fail(self, what: str):

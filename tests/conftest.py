@@ -5,14 +5,17 @@ import shutil
 import sys
 import tempfile
 
-from xla_flags import FAST_COMPILE
+from xla_flags import session_flags
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 # Set before anything imports jax. CLI subprocesses inherit it, and tests that simulate devices
-# keep it (`xla_flags.xla_flags(devices)`).
-_flags = os.environ.get('XLA_FLAGS', '').split()
-os.environ['XLA_FLAGS'] = ' '.join(_flags + [f for f in FAST_COMPILE if f not in _flags])
+# keep it (`xla_flags.xla_flags(devices)`). Worked out once, in pytest's controller process: the
+# xdist workers inherit the result.
+_SESSION_FLAGS_SET = 'MMFUSION_TEST_XLA_FLAGS_SET'
+if not os.environ.get(_SESSION_FLAGS_SET):
+  os.environ['XLA_FLAGS'] = session_flags(os.environ.get('XLA_FLAGS', ''))
+  os.environ[_SESSION_FLAGS_SET] = '1'
 
 # `configs/` is a directory of experiment files, not a package on the path; tests import them.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,17 +43,18 @@ def pytest_unconfigure(config):
     shutil.rmtree(config._mmfusion_session_dir, ignore_errors=True)
 
 
-# The files that take longest (measured on 2 cores, 2026-12-06), run first: the two xdist workers
-# take whole files in this order, so the last files to run are short ones and both workers end
-# together instead of one idling while the other finishes a long file. (xdist's own reordering,
-# by number of tests, is off in pytest.ini: it put the few-but-slow CLI files last.) Files not
-# listed follow in their usual order.
+# The files that take longest (worker seconds, measured on 2 cores, 2026-12-06), run first: the
+# two xdist workers take whole files in this order, so the last files to run are short ones and
+# both workers end together instead of one idling while the other finishes a long file. (xdist's
+# own reordering, by number of tests, is off in pytest.ini: it put the few-but-slow CLI files
+# last.) Files not listed follow in their usual order.
 SLOWEST_FILES = (
-    'test_end_to_end.py', 'test_notebooks.py', 'test_scaleout.py', 'test_faults.py',
-    'test_fused_model.py', 'test_adversarial.py', 'test_accumulation.py',
-    'test_fused_end_to_end.py', 'test_api.py', 'test_import_weights.py', 'test_benchmarks.py',
-    'test_models.py', 'test_decoder.py', 'test_own_data.py', 'test_train_program.py',
-    'test_pipeline_benchmark.py',
+    'test_end_to_end.py', 'test_notebooks.py', 'test_faults.py', 'test_scaleout.py',
+    'test_adversarial.py', 'test_fused_model.py', 'test_models.py', 'test_fused_end_to_end.py',
+    'test_accumulation.py', 'test_speech_fusion.py', 'test_benchmarks.py',
+    'test_import_weights.py', 'test_speech_end_to_end.py', 'test_decoder.py', 'test_api.py',
+    'test_audio_tower.py', 'test_pooled_encoder.py', 'test_peft.py', 'test_speech_data.py',
+    'test_fourth_modality.py',
 )
 
 

@@ -12,6 +12,7 @@ from mmfusion.models.layers import MlpBlock, StackOptions, constrain, remat_modu
 
 Array = jax.Array
 
+
 class EncoderBlock(nn.Module):
   """Pre-LN block: x + attn(LN(x)), then x + mlp(LN(x)).
 

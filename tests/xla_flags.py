@@ -35,6 +35,7 @@ def session_flags(current: str) -> str:
       continue
     if flag in FAST_COMPILE or accepted(flag):
       flags.append(flag)
+      names.add(flag.split('=')[0])
   return ' '.join(flags)
 
 

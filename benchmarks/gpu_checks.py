@@ -41,8 +41,7 @@ def check_cudnn(config) -> dict:
   text = program.lower_train_step(program.abstract_state_with_shardings(),
                                   mmfusion_step.abstract_batch(program, config.batch_size)).as_text()
   calls = sorted(set(CUDNN_ATTENTION.findall(text)))
-  impls = sorted({t.stack.attention_impl for t in program.model.towers.values()
-                  if hasattr(t, 'stack')})
+  impls = sorted({stack.attention_impl for stack in mmfusion_step.tower_stacks(program)})
   return {'attention_impls': impls, 'cudnn_custom_calls': calls, 'cudnn_taken': bool(calls)}
 
 

@@ -36,11 +36,15 @@ def flops_reference(config: ml_collections.ConfigDict,
     changes['scan_layers'] = False
   if config.model.remat != 'none':
     changes['remat'] = 'none'
-  stacks = [t.stack for t in program.model.towers.values() if hasattr(t, 'stack')]
-  if any(s.attention_impl not in ('xla', 'explicit') for s in stacks):
+  if any(s.attention_impl not in ('xla', 'explicit') for s in tower_stacks(program)):
     changes['attention'] = 'xla'
   reference = config_with(config, {f'model.{key}': value for key, value in changes.items()})
   return reference, [f'{key}={value}' for key, value in changes.items()]
+
+
+def tower_stacks(program: train.TrainProgram) -> list[Any]:
+  """The StackOptions of the model's transformer towers (towers without one are skipped)."""
+  return [t.stack for t in program.model.towers.values() if hasattr(t, 'stack')]
 
 
 def config_with(config: ml_collections.ConfigDict,

@@ -35,6 +35,7 @@ from ml_collections import config_flags  # noqa: E402
 from benchmarks import record as record_lib  # noqa: E402
 from benchmarks import timing  # noqa: E402
 from mmfusion import cli  # noqa: E402
+from mmfusion import host_memory  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Benchmark config, e.g. configs/benchmark.py:tiny (any experiment config works).',
@@ -200,7 +201,10 @@ def main():
     warmup, steps = timing.default_counts(platform)
     warmup = warmup if _WARMUP.value is None else _WARMUP.value
     steps = steps if _STEPS.value is None else _STEPS.value
-    print(f'[benchmark] {label} on {environment.describe(device)}: compiling mmfusion', flush=True)
+    # What the start chose (`__main__` below); the peer runs with the caller's environment.
+    host_line = host_memory.outcome() or 'host memory: as started (main() called in-process)'
+    print(f'[benchmark] {label} on {environment.describe(device)}: compiling mmfusion; '
+          f'{host_line}', flush=True)
     step = mmfusion_step.CompiledStep(config, batch_np)
 
     sides = [('mmfusion', lambda: step.time(warmup=warmup, steps=steps))]
@@ -211,7 +215,8 @@ def main():
     print(f'[benchmark] timing {pairs} round(s) of ' + ' then '.join(n for n, _ in sides) +
           f', each block {warmup} warm-up + {steps} timed steps', flush=True)
     blocks = timing.alternate(sides, pairs=pairs)
-    mmfusion = {**block_figures(blocks['mmfusion']), **step.info, 'memory': step.memory()}
+    mmfusion = {**block_figures(blocks['mmfusion']), **step.info, 'memory': step.memory(),
+                'host_memory': host_line}
     peer_figures = None
     if peer is not None:
       peer_figures = {**peer.ready, **block_figures(blocks['open_clip']), 'warmup': warmup,
@@ -236,4 +241,8 @@ def main():
 
 
 if __name__ == '__main__':
+  try:    # may restart the process (same pid and arguments) with huge pages: before anything else
+    host_memory.ensure_huge_pages()
+  except ValueError as e:
+    sys.exit(f'benchmarks.train_step: {e}')
   cli.run(main, program='benchmarks.train_step')

@@ -17,6 +17,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from mmfusion import cli  # noqa: E402
 from mmfusion import distributed  # noqa: E402  (imports JAX only when called)
+from mmfusion import host_memory  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file, e.g. configs/shapes_clip.py[:arg].', lock_config=True)
@@ -64,4 +65,8 @@ def main():
 
 
 if __name__ == '__main__':
+  try:    # may restart the process (same pid and arguments) with huge pages: before anything else
+    host_memory.ensure_huge_pages()
+  except ValueError as e:
+    sys.exit(f'mmfusion: {e}')
   cli.run(main, program='mmfusion')

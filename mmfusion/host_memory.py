@@ -16,8 +16,10 @@ GLIBC_TUNABLES and restarts the process in place (`os.execv`: same pid, argument
 streams and working directory) when the variable lacks the tunable. The restarted process puts
 GLIBC_TUNABLES back as it was, so the processes it starts (a data worker, a benchmark's peer)
 see the caller's own environment. `python -m mmfusion.main` and `benchmarks.train_step` call it
-before anything else. Nothing happens where it cannot help: not Linux, not glibc >= 2.35 (the
-tunable's first release), transparent huge pages set to `never`, or `MMFUSION_HOST_MALLOC=system`.
+before anything else. Nothing happens where it cannot help or is not wanted: not Linux, glibc
+older than 2.35 (the tunable's first release) or another C library, transparent huge pages set to
+`never`, a GLIBC_TUNABLES that already sets glibc.malloc.hugetlb (the caller's choice stands), or
+`MMFUSION_HOST_MALLOC=system`.
 """
 from __future__ import annotations
 

@@ -241,8 +241,6 @@ def main():
 
 
 if __name__ == '__main__':
-  try:    # may restart the process (same pid and arguments) with huge pages: before anything else
-    host_memory.ensure_huge_pages()
-  except ValueError as e:
-    sys.exit(f'benchmarks.train_step: {e}')
+  # May restart the process (same pid and arguments) with huge pages: before anything else.
+  host_memory.ensure_huge_pages_or_exit('benchmarks.train_step')
   cli.run(main, program='benchmarks.train_step')

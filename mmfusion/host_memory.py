@@ -113,3 +113,12 @@ def ensure_huge_pages() -> str:
   sys.stderr.flush()
   os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
   raise AssertionError('unreachable: os.execv returns only by raising')
+
+
+def ensure_huge_pages_or_exit(program: str) -> str:
+  """`ensure_huge_pages` for a command's `__main__`: a bad MMFUSION_HOST_MALLOC ends the command
+  with one line naming it, before anything has run."""
+  try:
+    return ensure_huge_pages()
+  except ValueError as e:
+    sys.exit(f'{program}: {e}')

@@ -65,8 +65,6 @@ def main():
 
 
 if __name__ == '__main__':
-  try:    # may restart the process (same pid and arguments) with huge pages: before anything else
-    host_memory.ensure_huge_pages()
-  except ValueError as e:
-    sys.exit(f'mmfusion: {e}')
+  # May restart the process (same pid and arguments) with huge pages: before anything else.
+  host_memory.ensure_huge_pages_or_exit('mmfusion')
   cli.run(main, program='mmfusion')

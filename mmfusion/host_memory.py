@@ -29,7 +29,8 @@ import sys
 
 ENV_VAR = 'MMFUSION_HOST_MALLOC'
 POLICIES = ('huge_pages', 'system')
-TUNABLE = 'glibc.malloc.hugetlb=1'
+TUNABLE_NAME = 'glibc.malloc.hugetlb'
+TUNABLE = f'{TUNABLE_NAME}=1'
 THP_ENABLED = '/sys/kernel/mm/transparent_hugepage/enabled'
 # Set across the restart: GLIBC_TUNABLES as the caller had it ('' when unset).
 _CALLER_TUNABLES = 'MMFUSION_CALLER_GLIBC_TUNABLES'
@@ -68,18 +69,24 @@ def policy() -> str:
   return value
 
 
+def unavailable() -> str | None:
+  """Why this machine cannot give a process huge pages through glibc; None if it can."""
+  version = glibc_version()
+  if version is None or version < (2, 35):
+    return f'needs glibc >= 2.35 (this process: {version or "another C library"})'
+  mode = huge_pages_mode()
+  if mode in (None, 'never'):
+    return f'transparent huge pages are off ({THP_ENABLED}: {mode})'
+  return None
+
+
 def reason_not_to_restart() -> str | None:
   """Why `ensure_huge_pages` would leave this process as it is; None if it would restart it."""
   if policy() == 'system':
     return f'{ENV_VAR}=system'
-  if TUNABLE.split('=')[0] in os.environ.get('GLIBC_TUNABLES', ''):
-    return 'GLIBC_TUNABLES already sets glibc.malloc.hugetlb'
-  version = glibc_version()
-  if version is None or version < (2, 35):
-    return f'needs glibc >= 2.35 (this process: {version or "another C library"})'
-  if huge_pages_mode() in (None, 'never'):
-    return f'transparent huge pages are off ({THP_ENABLED}: {huge_pages_mode()})'
-  return None
+  if TUNABLE_NAME in os.environ.get('GLIBC_TUNABLES', ''):
+    return f'GLIBC_TUNABLES already sets {TUNABLE_NAME}'
+  return unavailable()
 
 
 def outcome() -> str | None:

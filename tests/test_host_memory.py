@@ -50,13 +50,8 @@ def _run(policy: str) -> list[dict]:
   return [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{')]
 
 
-def _can_restart() -> bool:
-  version = host_memory.glibc_version()
-  return (version is not None and version >= (2, 35)
-          and host_memory.huge_pages_mode() not in (None, 'never'))
-
-
-@pytest.mark.skipif(not _can_restart(), reason='needs glibc >= 2.35 and transparent huge pages')
+@pytest.mark.skipif(host_memory.unavailable() is not None,
+                    reason=f'no huge pages here: {host_memory.unavailable()}')
 def test_the_restarted_process_faults_its_temporaries_in_as_huge_pages():
   system, restarted = _run('system'), _run('huge_pages')
   # glibc's defaults: no restart (one start line), and every 4 KiB page faulted in per call.

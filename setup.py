@@ -19,7 +19,6 @@ setuptools.setup(
         "ml-collections>=1.0,<1.2",
         "numpy>=1.26",
         "tqdm>=4.66",
-        "tensorboardX>=2.6",
         # TFDS needs it to register builders defined inside packages (yours too).
         "importlib-resources>=6",
     ],

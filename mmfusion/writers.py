@@ -1,4 +1,5 @@
-"""Where metrics go: TensorBoard event files and a JSON-lines file in the workdir.
+"""Where metrics go: TensorBoard event files and a JSON-lines file in the workdir, both flushed
+at every write, so that TensorBoard and `tail -f` show a run as it goes.
 
 Only process 0 writes; other processes get a writer that does nothing, so callers never
 branch on the process index.
@@ -12,6 +13,8 @@ from typing import Mapping
 
 import jax
 
+from mmfusion import event_file
+
 
 class MetricWriter:
   """Writes scalars to `<workdir>/tb` (TensorBoard) and `<workdir>/metrics.jsonl`."""
@@ -21,18 +24,16 @@ class MetricWriter:
     self._tb = None
     self._jsonl = None
     if self.enabled:
-      from tensorboardX import SummaryWriter  # imported late: processes > 0 never need it
       os.makedirs(workdir, exist_ok=True)
-      self._tb = SummaryWriter(os.path.join(workdir, 'tb'), flush_secs=30)
+      self._tb = event_file.EventFileWriter(os.path.join(workdir, 'tb'))
       self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', buffering=1)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
       return
     clean = {k: float(v) for k, v in scalars.items()}
-    for name, value in clean.items():
-      if math.isfinite(value):
-        self._tb.add_scalar(name, value, step)
+    self._tb.write(step, {k: v for k, v in clean.items() if math.isfinite(v)})
+    self._tb.flush()
     self._jsonl.write(json.dumps({'step': step, **clean}) + '\n')
 
   def flush(self) -> None:

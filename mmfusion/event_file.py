@@ -9,6 +9,8 @@ per launch, 2026-12-07), and the training command must run where TensorFlow is n
 from __future__ import annotations
 
 import itertools
+import math
+import operator
 import os
 import socket
 import struct
@@ -79,14 +81,24 @@ def _event(wall_time: float, step: int = 0, *, file_version: str | None = None,
   return out
 
 
+def _float32(value: float) -> bytes:
+  """`simple_value` is a float32: a float beyond its range is stored as the infinity it rounds to
+  (as a float32 cast does), not refused."""
+  try:
+    return struct.pack('<f', value)
+  except OverflowError:
+    return struct.pack('<f', math.copysign(math.inf, value))
+
+
 def scalar_event(step: int, scalars: Mapping[str, float], wall_time: float) -> bytes:
   """One Event holding a Summary with a `simple_value` per tag, as TensorBoard's scalars read it."""
+  step = operator.index(step)                  # an integer (numpy's too), never a float
   if step < 0:
     raise ValueError(f'a TensorBoard step is not negative, got {step}')
   values = b''.join(
       _length_delimited(1,                                           # Summary.value, field 1
                         _length_delimited(1, tag.encode())           # Value.tag, field 1
-                        + _varint(2 << 3 | 5) + struct.pack('<f', value))  # simple_value: float, 2
+                        + _varint(2 << 3 | 5) + _float32(value))     # simple_value: float, field 2
       for tag, value in scalars.items())
   return _event(wall_time, step, summary=values)
 

@@ -83,9 +83,24 @@ def test_writers_opened_in_the_same_second_get_their_own_files(tmp_path):
           for p in (first.path, second.path)] == [1.0, 2.0]
 
 
-def test_a_negative_step_is_refused():
+def test_a_negative_or_fractional_step_is_refused():
   with pytest.raises(ValueError, match='not negative'):
     event_file.scalar_event(-1, {'loss': 1.0}, wall_time=0.0)
+  with pytest.raises(TypeError):
+    event_file.scalar_event(1.5, {'loss': 1.0}, wall_time=0.0)
+
+
+def test_floats_beyond_float32_are_its_infinities_and_numpy_steps_are_steps(tmp_path):
+  scalars = {'big': 1e40, 'small': -1e40, 'max': float(np.finfo(np.float32).max)}
+  writer = event_file.EventFileWriter(str(tmp_path))
+  writer.write(np.int64(7), scalars)
+  writer.close()
+  event = read_events(writer.path)[1]
+  assert event.step == 7
+  got = {value.tag: value.simple_value for value in event.summary.value}
+  with np.errstate(over='ignore'):              # the reference: numpy's float32 cast
+    assert got == {tag: np.float32(value) for tag, value in scalars.items()}
+  assert math.isinf(got['big']) and got['small'] < 0
 
 
 def test_writing_metrics_imports_neither_torch_nor_tensorflow(tmp_path):

@@ -2,9 +2,10 @@
 
 An event file is a sequence of TFRecords (length, masked CRC-32C of the length, payload, masked
 CRC-32C of the payload), each payload a serialised `tensorflow.Event` protobuf. Scalars need
-only five of its fields, encoded here by hand. Neither TensorFlow nor tensorboardX is needed:
-tensorboardX imports torch whenever torch is installed (1.4 s and 200 MB of resident memory
-per launch, 2026-12-07), and the training command must run where TensorFlow is not installed.
+seven fields of three messages (Event, Summary, Summary.Value), encoded here by hand. Neither
+tensorboardX nor TensorFlow is needed: tensorboardX imports torch whenever torch is installed
+(1.4 s and 200 MB of resident memory per launch, 2026-12-07), and TensorFlow's writer would tie
+the metrics to the data library.
 """
 from __future__ import annotations
 

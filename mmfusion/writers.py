@@ -36,11 +36,6 @@ class MetricWriter:
     self._tb.flush()
     self._jsonl.write(json.dumps({'step': step, **clean}) + '\n')
 
-  def flush(self) -> None:
-    if self.enabled:
-      self._tb.flush()
-      self._jsonl.flush()
-
   def close(self) -> None:
     if self.enabled:
       self._tb.close()

@@ -3,7 +3,11 @@ r"""The accelerator checks that go with the train-step figures (benchmarks/gpu_s
   python -m benchmarks.gpu_checks --config configs/benchmark.py:b16 --checks cudnn,bf16,max_batch
 
 cudnn      the step as lowered for the config (attention 'auto') names cuDNN's fused attention
-           custom call (`__cudnn$fmha...`): the fused path is really taken, not XLA's.
+           custom call (`__cudnn$fmha...`): the fused path is really taken, not XLA's. Where
+           cuDNN is absent (a dry run), the step is lowered with attention 'cudnn' in bfloat16
+           instead, XLA's kernel standing in for cuDNN's, and every call's operands go through
+           the checks jax's cuDNN wrapper makes when it traces: a call they refuse is a step
+           that would fail to lower on the GPU.
 bf16       the loss of `--steps` training steps (each on its own synthetic batch, batch
            `--check_batch`) in bfloat16 compute against float32 with full-precision matmuls, from
            the same initial params: the largest relative difference, against `--bf16_rtol`.
@@ -27,6 +31,7 @@ from mmfusion import cli  # noqa: E402
 
 REMAT_POLICIES = ('none', 'save_dots', 'full')
 CUDNN_ATTENTION = re.compile(r'__cudnn\$fmha\w*')
+CUDNN_VERSION = 91000   # what cudnn_refusal assumes (only packed / MLA attention depend on it)
 
 
 def _program(config):
@@ -35,14 +40,70 @@ def _program(config):
 
 
 def check_cudnn(config) -> dict:
-  """Which fused-attention custom calls the lowered step names."""
+  """Which fused-attention custom calls the lowered step names; off GPUs also
+  `check_cudnn_operands`."""
+  import jax
+
   from benchmarks import mmfusion_step
   program = _program(config)
   text = program.lower_train_step(program.abstract_state_with_shardings(),
                                   mmfusion_step.abstract_batch(program, config.batch_size)).as_text()
   calls = sorted(set(CUDNN_ATTENTION.findall(text)))
   impls = sorted({stack.attention_impl for stack in mmfusion_step.tower_stacks(program)})
-  return {'attention_impls': impls, 'cudnn_custom_calls': calls, 'cudnn_taken': bool(calls)}
+  out = {'attention_impls': impls, 'cudnn_custom_calls': calls, 'cudnn_taken': bool(calls)}
+  if jax.default_backend() != 'gpu':
+    out['operand_checks'] = check_cudnn_operands(config)
+  return out
+
+
+def cudnn_refusal(query, key, value, mask) -> str | None:
+  """Why jax's cuDNN wrapper would refuse to trace this training call (its own checks: layout,
+  dtypes, the bias a mask becomes, flash attention's shapes), or None."""
+  import inspect
+
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa
+  bias = None if mask is None else cudnn_fa.combine_bias_and_mask(None, mask, query.dtype)
+  given = dict(query=query, key=key, value=value, bias=bias,
+               layout=cudnn_fa.AttentionLayout.BTNH)
+  try:
+    cudnn_fa.check_layout(**{name: given.get(name)
+                             for name in inspect.signature(cudnn_fa.check_layout).parameters})
+    cudnn_fa.check_is_flash_attention(query, key, value, cudnn_fa.AttentionLayout.BTNH.value,
+                                      CUDNN_VERSION, has_bias=bias is not None, is_training=True)
+  except (ValueError, NotImplementedError) as refusal:
+    return f'{type(refusal).__name__}: {refusal}'
+  return None
+
+
+def check_cudnn_operands(config) -> dict:
+  """The step lowered with every tower's attention 'cudnn' in bfloat16, XLA's kernel standing in
+  for cuDNN's behind `jax.nn.dot_product_attention`: each cuDNN call's shapes and
+  `cudnn_refusal`. For machines without cuDNN, where the real lowering cannot run."""
+  import jax
+
+  from benchmarks import mmfusion_step
+  fused = jax.nn.dot_product_attention
+  calls = []
+
+  def stand_in(query, key, value, bias=None, mask=None, *, implementation=None, **kwargs):
+    if implementation == 'cudnn':
+      calls.append({'query': list(query.shape), 'key': list(key.shape),
+                    'mask': None if mask is None else list(mask.shape),
+                    'refusal': cudnn_refusal(query, key, value, mask)})
+      implementation = 'xla'
+    return fused(query, key, value, bias, mask, implementation=implementation, **kwargs)
+
+  run_config = mmfusion_step.config_with(
+      config, {'model.attention': 'cudnn', 'model.dtype': 'bfloat16'})
+  jax.nn.dot_product_attention = stand_in
+  try:
+    program = _program(run_config)      # builds the model's shapes: attention runs here too
+    calls.clear()
+    program.lower_train_step(program.abstract_state_with_shardings(),
+                             mmfusion_step.abstract_batch(program, run_config.batch_size))
+  finally:
+    jax.nn.dot_product_attention = fused
+  return {'calls': calls, 'refused': sum(c['refusal'] is not None for c in calls)}
 
 
 def check_bf16(config, steps: int, batch: int, rtol: float) -> dict:
@@ -144,7 +205,16 @@ def main(args):
     raise ValueError(f'--checks: unknown {unknown}; known: cudnn, bf16, max_batch')
   if 'cudnn' in checks:
     rec['cudnn'] = check_cudnn(config)
-    print(f"[gpu_checks] cuDNN attention: {rec['cudnn']}", flush=True)
+    operands = rec['cudnn'].get('operand_checks')
+    print('[gpu_checks] cuDNN attention: ' + str({k: v for k, v in rec['cudnn'].items()
+                                                   if k != 'operand_checks'}), flush=True)
+    if operands:
+      print(f"[gpu_checks] cuDNN's checks on the step's {len(operands['calls'])} attention calls "
+            f"(bfloat16, attention 'cudnn'): {operands['refused']} refused", flush=True)
+      for call in operands['calls']:
+        if call['refusal']:
+          print(f"[gpu_checks]   refused q {call['query']} k {call['key']} mask {call['mask']}: "
+                f"{call['refusal']}", flush=True)
   if 'bf16' in checks:
     rec['bf16'] = check_bf16(config, args['steps'].value, args['check_batch'].value,
                              args['bf16_rtol'].value)
@@ -158,6 +228,9 @@ def main(args):
       record.RESULTS_DIR, re.sub(r'[-:]', '', rec['date'][:19]) + 'Z_gpu_checks.json')
   record.write_json(rec, path)
   print(f'[gpu_checks] record: {path} ({jax.devices()[0].device_kind})')
+  if rec.get('cudnn', {}).get('operand_checks', {}).get('refused'):
+    raise SystemExit('[gpu_checks] cuDNN would refuse attention calls of this step (above): '
+                     'on a GPU it would fail to lower')
 
 
 if __name__ == '__main__':

@@ -391,13 +391,50 @@ def test_gpu_checks_without_tensorflow_compare_bf16_with_float32_and_name_the_at
   run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
   rec = json.loads(json_out.read_text())
-  # On a CPU, 'auto' resolves to XLA's attention: no cuDNN call may appear.
+  # On a CPU, 'auto' resolves to XLA's attention: no cuDNN call may appear. Instead the step
+  # is lowered as cuDNN would get it, each call checked: the image's and the text's.
+  operands = rec['cudnn'].pop('operand_checks')
   assert rec['cudnn'] == {'attention_impls': ['xla'], 'cudnn_custom_calls': [],
                           'cudnn_taken': False}
+  assert len(operands['calls']) == 2 and operands['refused'] == 0
   bf16 = rec['bf16']
   assert len(bf16['losses']['float32']) == len(bf16['losses']['bfloat16']) == 3
   assert bf16['losses']['float32'] != bf16['losses']['bfloat16']      # really two precisions
   assert 0 < bf16['max_rel_diff'] <= bf16['rtol'] and bf16['within_rtol']
+
+
+def test_cudnn_refusal_is_the_wrappers_own_and_prepared_operands_pass():
+  """jax's cuDNN wrapper checks a call's operands only when it traces on a GPU. CLIP's text (77
+  tokens, a key-padding mask) is refused as it comes, for the bias's length and, broadcast, for
+  an odd length in training; as attention.cudnn_masked_operands prepares it, it passes."""
+  from benchmarks import gpu_checks
+  from mmfusion.models.attention import cudnn_masked_operands
+  q = k = v = jnp.zeros((2, 77, 8, 64), jnp.bfloat16)
+  key_padding = jnp.arange(77)[None, None, None, :] < jnp.array([30, 77])[:, None, None, None]
+  assert 'Bias must have same seq length' in gpu_checks.cudnn_refusal(q, k, v, key_padding)
+  assert 'Unsupported sequence length' in gpu_checks.cudnn_refusal(
+      q, k, v, jnp.broadcast_to(key_padding, (2, 1, 77, 77)))
+  assert gpu_checks.cudnn_refusal(*cudnn_masked_operands(q, k, v, key_padding)) is None
+  assert gpu_checks.cudnn_refusal(q, k, v, None) is None          # no mask: any length
+  f32 = jnp.zeros((2, 78, 8, 64), jnp.float32)
+  assert 'fp16/bf16' in gpu_checks.cudnn_refusal(f32, f32, f32, None)
+
+
+def test_the_b16_step_hands_cudnn_only_calls_it_accepts(monkeypatch):
+  """Every attention call of the B/16 train step (one layer, batch 2), lowered as a GPU would
+  in bfloat16 with attention 'cudnn', passes the wrapper's checks; with the operands handed over
+  unprepared, the text tower's calls are refused (the step would not lower on a GPU)."""
+  from benchmarks import gpu_checks
+  from mmfusion.models import attention
+  config = benchmark.get_config('b16,depth=1,batch=2')
+  checked = gpu_checks.check_cudnn_operands(config)
+  shapes = [(c['query'], c['mask']) for c in checked['calls']]
+  assert shapes == [([2, 197, 12, 64], None), ([2, 78, 8, 64], [2, 1, 78, 78])]
+  assert checked['refused'] == 0
+  monkeypatch.setattr(attention, 'cudnn_masked_operands', lambda q, k, v, mask: (q, k, v, mask))
+  unprepared = gpu_checks.check_cudnn_operands(config)
+  assert unprepared['refused'] == 1
+  assert 'Bias must have same seq length' in unprepared['calls'][1]['refusal']
 
 
 def test_the_largest_batch_search_finds_the_last_batch_whose_plan_fits(monkeypatch):

@@ -211,6 +211,71 @@ def test_cross_attention_with_key_padding_mask(impl):
   np.testing.assert_allclose(out, want, atol=1e-5)
 
 
+# (causal, Lq, Lk, mask shape): the masks the towers and fusion pass: key padding in
+# self-attention at odd and even lengths, with and without the causal triangle, key padding in
+# cross-attention, a full mask.
+MASKED_CALLS = [(False, 7, 7, (B, 1, 1, 7)), (True, 7, 7, (B, 1, 1, 7)), (True, 6, 6, (B, 1, 1, 6)),
+                (False, 5, 9, (B, 1, 1, 9)), (False, 5, 5, (B, 2, 5, 5)), (True, 5, 5, (B, 2, 5, 5))]
+
+
+@pytest.mark.parametrize('causal,len_q,len_k,mask_shape', MASKED_CALLS)
+def test_cudnn_operands_change_neither_outputs_nor_gradients(causal, len_q, len_k, mask_shape):
+  """What cuDNN is handed for a masked call (the mask broadcast over queries, odd lengths
+  grown by a padded query and key) is the same attention: run by XLA's kernel, the first Lq
+  outputs and the gradients w.r.t. q, k, v equal the unpadded call's."""
+  from mmfusion.models.attention import cudnn_masked_operands
+  rng = np.random.default_rng(len_q * 10 + len_k)
+  q, k, v = (jnp.asarray(rng.normal(size=(B, n, 2, 4)), jnp.float32)
+             for n in (len_q, len_k, len_k))
+  mask = rng.random(mask_shape) < 0.7
+  mask[..., 0] = True                       # every row keeps a key, so outputs are comparable
+  mask = jnp.asarray(mask)
+  cot = jnp.asarray(rng.normal(size=(B, len_q, 2, 4)), jnp.float32)
+
+  def plain(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation='xla')
+
+  def prepared(q, k, v):
+    *qkv, grown_mask = cudnn_masked_operands(q, k, v, mask)
+    assert grown_mask.shape[2:] == (qkv[0].shape[1], qkv[1].shape[1])
+    assert qkv[0].shape[1] % 2 == 0 and qkv[1].shape[1] % 2 == 0
+    return jax.nn.dot_product_attention(*qkv, mask=grown_mask, is_causal=causal,
+                                        implementation='xla')[:, :len_q]
+
+  want, want_vjp = jax.vjp(plain, q, k, v)
+  got, got_vjp = jax.vjp(prepared, q, k, v)
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  for g, w in zip(got_vjp(cot), want_vjp(cot)):
+    np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+@pytest.mark.parametrize('causal', [False, True])
+def test_cudnn_attention_hands_the_kernel_prepared_operands(causal, monkeypatch):
+  """MultiHeadAttention with attention_impl='cudnn' and a key-padding mask (text: 7 tokens, the
+  second example all padding): the kernel gets even lengths and a mask over every query, and
+  the module's output is the 'xla' one. cuDNN cannot run here, so XLA's kernel stands in for it,
+  behind jax's function, recording what it is handed."""
+  handed = []
+  fused = jax.nn.dot_product_attention
+
+  def kernel(q, k, v, *, mask, is_causal, implementation):
+    handed.append((implementation, q.shape, k.shape, None if mask is None else mask.shape))
+    return fused(q, k, v, mask=mask, is_causal=is_causal, implementation='xla')
+
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(B, 7, W)), jnp.float32)
+  key_mask = jnp.asarray(np.arange(7)[None] < np.array([[4], [0]]))[:, None, None, :]
+  xla = MultiHeadAttention(STACK.replace(attention_impl='xla'), causal=causal)
+  variables = xla.init(jax.random.key(0), x, mask=key_mask)
+  want = xla.apply(variables, x, mask=key_mask)
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', kernel)
+  got = MultiHeadAttention(STACK.replace(attention_impl='cudnn'), causal=causal).apply(
+      variables, x, mask=key_mask)
+  assert handed == [('cudnn', (B, 8, 2, 8), (B, 8, 2, 8), (B, 1, 8, 8))]
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  assert np.all(np.isfinite(got))
+
+
 def test_sow_requires_explicit_attention():
   # The stack options refuse it, before any module is built.
   with pytest.raises(ValueError, match='explicit'):

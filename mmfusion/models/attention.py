@@ -1,7 +1,8 @@
 """Multi-head dot-product attention (self and cross): the explicit softmax(q k^T / sqrt(d)) v whose
 weights explain.py reads, the fused kernels (`jax.nn.dot_product_attention`: XLA, cuDNN flash
-attention), one fused Q/K/V matmul, and the pooled query computed apart (`pool_at`). Queries,
-keys and values carry the logical axes BQHD.
+attention, whose masked calls need their operands shaped as cuDNN takes them), one fused Q/K/V
+matmul, and the pooled query computed apart (`pool_at`). Queries, keys and values carry the
+logical axes BQHD.
 """
 from __future__ import annotations
 
@@ -30,6 +31,30 @@ def _as_4d(mask: Array) -> Array:
   if mask.ndim > 4:
     raise ValueError(f'attention mask must broadcast to [B, heads, Lq, Lk]; got shape {mask.shape}')
   return mask.astype(jnp.bool_).reshape((1,) * (4 - mask.ndim) + mask.shape)
+
+
+def cudnn_masked_operands(q_bqhd: Array, k_bkhd: Array, v_bkhd: Array,
+                          mask: Array) -> tuple[Array, Array, Array, Array]:
+  """(q, k, v, mask) as cuDNN's fused attention takes a masked call; the caller keeps the
+  first Lq outputs.
+
+  jax hands a mask to cuDNN as an additive bias, which cuDNN takes only at the full
+  [B, heads or 1, Lq, Lk] (a key-padding mask [B,1,1,Lk] is refused) and, in training, only at
+  even lengths (CLIP's 77 text tokens are odd, as are ViT-B/16's 197 image tokens where text
+  attends to them in fusion). So the mask is
+  broadcast over queries, and an odd length grows by one: a zero query, whose output is
+  dropped, and a zero key that no query may attend to. Exact for any mask, as the padded key
+  gets no weight and the padded query's output is never read."""
+  batch, len_q, len_k = q_bqhd.shape[0], q_bqhd.shape[1], k_bkhd.shape[1]
+  mask = _as_4d(mask)
+  mask = jnp.broadcast_to(mask, (batch, mask.shape[1], len_q, len_k))
+  pad_q, pad_k = len_q % 2, len_k % 2
+  if pad_q or pad_k:
+    def grow(x_blhd: Array, pad: int) -> Array:
+      return jnp.pad(x_blhd, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    q_bqhd, k_bkhd, v_bkhd = grow(q_bqhd, pad_q), grow(k_bkhd, pad_k), grow(v_bkhd, pad_k)
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad_q), (0, pad_k)))   # False: never attended
+  return q_bqhd, k_bkhd, v_bkhd, mask
 
 
 def attention_weights(q_bqhd: Array, k_bkhd: Array, mask: Array | None) -> Array:
@@ -171,16 +196,21 @@ class MultiHeadAttention(nn.Module):
           # init never creates it (its shapes would tie the variables to one input length).
           weights_bhqk = self.perturb('attention_weights', weights_bhqk)
       out_bqhd = attend(weights_bhqk, v_bkhd)
+      return checkpoint_name(constrain(out_bqhd, BQHD), 'attention')
+
+    len_q, len_k = q_bqhd.shape[1], k_bkhd.shape[1]
+    if self.stack.attention_impl == 'cudnn' and mask is not None:
+      q_bqhd, k_bkhd, v_bkhd, fused_mask = cudnn_masked_operands(q_bqhd, k_bkhd, v_bkhd, mask)
     else:
-      out_bqhd = jax.nn.dot_product_attention(
-          q_bqhd, k_bkhd, v_bkhd, mask=mask, is_causal=self.causal,
-          implementation=self.stack.attention_impl)
-      if mask is not None:
-        # The fused kernels give a fully-masked row the mean of all values; zero it to match
-        # 'explicit'. (Without a mask every row sees at least one key, causal or not.)
-        has_key_bhq1 = jnp.any(self._full_mask(mask, q_bqhd.shape[1], k_bkhd.shape[1]),
-                               axis=-1, keepdims=True)
-        out_bqhd = jnp.where(jnp.swapaxes(has_key_bhq1, 1, 2), out_bqhd, 0).astype(out_bqhd.dtype)
+      fused_mask = mask
+    out_bqhd = jax.nn.dot_product_attention(
+        q_bqhd, k_bkhd, v_bkhd, mask=fused_mask, is_causal=self.causal,
+        implementation=self.stack.attention_impl)[:, :len_q]
+    if mask is not None:
+      # The fused kernels give a fully-masked row the mean of all values; zero it to match
+      # 'explicit'. (Without a mask every row sees at least one key, causal or not.)
+      has_key_bhq1 = jnp.any(self._full_mask(mask, len_q, len_k), axis=-1, keepdims=True)
+      out_bqhd = jnp.where(jnp.swapaxes(has_key_bhq1, 1, 2), out_bqhd, 0).astype(out_bqhd.dtype)
     return checkpoint_name(constrain(out_bqhd, BQHD), 'attention')
 
   def _full_mask(self, mask: Array | None, len_q: int, len_k: int) -> Array | None:
